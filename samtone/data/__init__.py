@@ -1,0 +1,1 @@
+"""Input pipelines: readers, tokenisation, batching into int32 arrays."""

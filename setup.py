@@ -1,0 +1,48 @@
+"""samtone: dual-encoder retrieval models trained with SamToNe and friends, in JAX/Flax."""
+import setuptools
+
+setuptools.setup(
+    name="samtone",
+    version="0.1.0",
+    description="T5.1.1 dual encoders trained with same-tower-negative contrastive losses (JAX/Flax).",
+    python_requires=">=3.10",
+    packages=setuptools.find_packages(include=["samtone", "samtone.*"]),
+    package_data={"samtone": ["data/smoke/*", "gin/**/*.gin", "configs/*.gin"]},
+    include_package_data=True,
+    install_requires=[
+        "jax>=0.10,<0.11",
+        "jaxlib>=0.10,<0.11",
+        "flax>=0.10,<0.13",
+        "optax>=0.2.4,<0.3",
+        "orbax-checkpoint>=0.11,<0.13",
+        "gin-config>=0.5,<0.6",
+        "sentencepiece>=0.2,<0.3",
+        "numpy>=1.26",
+        "msgpack>=1.0",
+        "tensorstore>=0.1.60",
+        "tensorboardX>=2.6",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "torch==2.13.0",
+            "transformers>=4.40",
+            "safetensors>=0.4",
+            "sentence-transformers>=6.2",
+            "ranx>=0.3.20",
+            "scipy>=1.11",
+        ],
+        "seqio": [
+            "seqio>=0.0.19",
+            "tensorflow-datasets>=4.9",
+            "tensorflow-text>=2.15",
+        ],
+        "analysis": ["matplotlib>=3.8", "scikit-learn>=1.4"],
+    },
+    entry_points={
+        "console_scripts": [
+            "samtone-train=samtone.train:console_entry",
+            "samtone-mine=samtone.mine:console_entry",
+        ]
+    },
+)
