@@ -21,6 +21,7 @@ setuptools.setup(
         "msgpack>=1.0",
         "tensorstore>=0.1.60",
         "tensorboardX>=2.6",
+        "safetensors>=0.4",
     ],
     extras_require={
         "test": [

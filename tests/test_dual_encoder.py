@@ -1,0 +1,162 @@
+"""DualEncoder: the three architectures' sharing, pooling, normalisation, gradients, init."""
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from samtone.models.dual_encoder import DualEncoder, init_from_encoder, l2_normalize
+from samtone.models.t5 import T5Encoder, t5_1_1_config, unstack_layer_params
+
+CONFIG = t5_1_1_config("tiny", num_layers=1, dropout_rate=0.0)  # one layer: compiles fast
+PROJECTION_DIM = 16
+TREE_KEYS = {
+    "sde": {"encoder", "projection_layer"},
+    "ade": {"query_encoder", "passage_encoder", "query_projection_layer", "passage_projection_layer"},
+    "ade_spl": {"query_encoder", "passage_encoder", "projection_layer"},
+}
+
+
+def tokens(lengths, length, seed):
+    """int32 [len(lengths), length]: random ids >= 2, EOS (1) last, then 0-padding."""
+    ids = np.random.default_rng(seed).integers(2, CONFIG.vocab_size, size=(len(lengths), length))
+    for row, n in enumerate(lengths):
+        ids[row, n - 1] = 1
+        ids[row, n:] = 0
+    return ids.astype(np.int32)
+
+
+# Queries and passages share one length so that most tests reuse one compiled forward pass.
+QUERIES = tokens((6, 3, 8, 1), 12, seed=0)
+PASSAGES = tokens((12, 5, 9, 2), 12, seed=1)
+NEGATIVES = tokens((12, 4, 7, 12, 1, 3), 12, seed=2).reshape(2, 3, 12)[[0, 1, 0, 1]]  # [B=4, K=3, Lp]
+
+
+@functools.cache  # compiling dominates these tests: build each model and jitted function once
+def model_and_params(architecture, config=CONFIG):
+    model = DualEncoder(config, architecture=architecture, projection_dim=PROJECTION_DIM)
+    params = jax.jit(model.init)(jax.random.key(0), QUERIES, PASSAGES)["params"]
+    return model, params
+
+
+@functools.cache
+def _jitted_apply(model, method):
+    return jax.jit(lambda p, *a: model.apply({"params": p}, *a, method=method))
+
+
+def apply(model, params, *args, method="__call__"):
+    return _jitted_apply(model, method)(params, *args)
+
+
+@pytest.mark.parametrize("architecture", ["sde", "ade", "ade_spl"])
+def test_outputs_shapes_norms_and_negatives(architecture):
+    model, params = model_and_params(architecture)
+    assert set(params) == TREE_KEYS[architecture]
+
+    @jax.jit
+    def every_entry_point(p):
+        return (model.apply({"params": p}, QUERIES, PASSAGES, NEGATIVES),
+                model.apply({"params": p}, NEGATIVES.reshape(12, 12), method="encode_passages"),
+                model.apply({"params": p}, QUERIES, method="encode_queries"),
+                model.apply({"params": p}, QUERIES, PASSAGES))
+
+    outputs, flat_negatives, queries, without_negatives = every_entry_point(params)
+    assert set(outputs) == {"query", "passage", "negatives"}
+    assert set(without_negatives) == {"query", "passage"}
+    assert outputs["query"].shape == outputs["passage"].shape == (4, PROJECTION_DIM)
+    assert outputs["negatives"].shape == (4, 3, PROJECTION_DIM)
+    for embeddings in outputs.values():
+        assert embeddings.dtype == jnp.float32
+        np.testing.assert_allclose(np.linalg.norm(embeddings, axis=-1), 1.0, atol=1e-5)
+    # Negatives go through the passage tower, row by row.
+    np.testing.assert_allclose(outputs["negatives"], np.asarray(flat_negatives).reshape(4, 3, -1), atol=1e-6)
+    np.testing.assert_allclose(outputs["query"], queries, atol=1e-6)
+    np.testing.assert_allclose(outputs["passage"], without_negatives["passage"], atol=1e-6)
+
+
+@pytest.mark.parametrize("architecture", ["sde", "ade", "ade_spl"])
+def test_towers_share_what_the_architecture_says(architecture):
+    model, params = model_and_params(architecture)
+    same_text = apply(model, params, PASSAGES, PASSAGES)
+    if architecture == "sde":  # one tower: a text embeds identically as query and as passage
+        np.testing.assert_allclose(same_text["query"], same_text["passage"], atol=1e-6)
+        return
+    assert not np.allclose(same_text["query"], same_text["passage"], atol=1e-3)
+    towers_differ = jax.tree.map(lambda q, p: not np.allclose(q, p), nn.unbox(params["query_encoder"]),
+                                 nn.unbox(params["passage_encoder"]))
+    del towers_differ["encoder_norm"], towers_differ["layers_0"]["pre_attention_layer_norm"]
+    del towers_differ["layers_0"]["pre_mlp_layer_norm"]  # norm scales start at one in both towers
+    assert all(jax.tree.leaves(towers_differ))
+    # Give both towers the same weights: only the projection then tells queries from passages.
+    shared = init_from_encoder(params, params["query_encoder"])
+    same_towers = apply(model, shared, PASSAGES, PASSAGES)
+    if architecture == "ade_spl":
+        np.testing.assert_allclose(same_towers["query"], same_towers["passage"], atol=1e-6)
+    else:
+        assert not np.allclose(same_towers["query"], same_towers["passage"], atol=1e-3)
+
+
+@pytest.mark.parametrize("architecture", ["sde", "ade", "ade_spl"])
+def test_gradients_reach_every_tower_and_projection(architecture):
+    model, params = model_and_params(architecture)
+
+    def loss(p):
+        outputs = model.apply({"params": p}, QUERIES, PASSAGES, NEGATIVES)
+        logits = outputs["query"] @ outputs["passage"].T + jnp.einsum("bd,bkd->bk", outputs["query"],
+                                                                      outputs["negatives"]).sum()
+        return -jnp.mean(jax.nn.log_softmax(logits / 0.05, axis=-1).diagonal())
+
+    grads = nn.unbox(jax.jit(jax.grad(loss))(params))
+    assert set(grads) == TREE_KEYS[architecture]
+    for name in TREE_KEYS[architecture]:
+        norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads[name])))
+        assert np.isfinite(norm) and norm > 0, name
+        if name.endswith("encoder"):
+            assert jnp.abs(grads[name]["layers_0"]["mlp"]["wo"]["kernel"]).max() > 0, name
+
+
+def test_mean_pooling_ignores_padding():
+    model, params = model_and_params("ade_spl")
+    padded = np.pad(PASSAGES, ((0, 0), (0, 7)))
+    np.testing.assert_allclose(apply(model, params, padded, padded)["passage"],
+                               apply(model, params, PASSAGES, PASSAGES)["passage"], atol=1e-5)
+
+
+def test_all_padding_text_gives_zero_embedding_and_finite_gradients():
+    model, params = model_and_params("sde")
+    empty = np.zeros_like(QUERIES)
+    np.testing.assert_array_equal(apply(model, params, empty, PASSAGES)["query"], 0.0)
+    gradient = jax.grad(lambda x: jnp.sum(l2_normalize(x)))(jnp.zeros((2, 4)))
+    assert np.all(np.isfinite(gradient))
+
+
+def test_unknown_architecture_names_valid_ones():
+    with pytest.raises(ValueError, match="sde, ade, ade_spl"):
+        DualEncoder(CONFIG, architecture="tied").init(jax.random.key(0), QUERIES, PASSAGES)
+
+
+@pytest.mark.parametrize("architecture,scan_layers", [("ade", False), ("sde", True)])
+def test_init_from_encoder_fills_every_tower(architecture, scan_layers):
+    config = dataclasses.replace(CONFIG, scan_layers=scan_layers)
+    model, params = model_and_params(architecture, config)
+    # A pretrained tree as the importers give it: plain numpy, one subtree per layer.
+    unscanned = dataclasses.replace(config, scan_layers=False)
+    pretrained = jax.tree.map(np.asarray, nn.unbox(jax.jit(T5Encoder(unscanned).init)(jax.random.key(7), QUERIES)["params"]))
+    loaded = init_from_encoder({"params": params}, pretrained)["params"]
+
+    assert set(loaded) == TREE_KEYS[architecture]
+    for name in loaded:
+        if name.endswith("encoder"):
+            # Boxing (logical axes) survives, so the filled tree still shards.
+            assert isinstance(loaded[name]["token_embedder"]["embedding"], nn.Partitioned)
+            jax.tree.map(np.testing.assert_array_equal, unstack_layer_params(loaded[name]), pretrained)
+        else:
+            jax.tree.map(np.testing.assert_array_equal, nn.unbox(loaded[name]), nn.unbox(params[name]))
+    assert np.isfinite(apply(model, loaded, QUERIES, PASSAGES)["query"]).all()  # usable as is
+
+    with pytest.raises(ValueError, match="token_embedder/embedding"):
+        bad = {**pretrained, "token_embedder": {"embedding": np.zeros((3, 3), np.float32)}}
+        init_from_encoder(params, bad)
