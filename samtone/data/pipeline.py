@@ -30,6 +30,7 @@ import dataclasses
 import hashlib
 import os
 import queue
+import sys
 import threading
 from typing import Any, Iterable, Sequence
 
@@ -326,7 +327,8 @@ class BatchIterator:
             self._prefetcher = None
 
     def __del__(self):
-        self.close()
+        if not sys.is_finalizing():  # at shutdown the threading module may already be gone
+            self.close()
 
 
 def make_batch_iterator(data: PathOrPaths | Sequence[Example], *, tokenizer,
