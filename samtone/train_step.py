@@ -1,0 +1,320 @@
+"""The train state, its sharded initialisation, and the one jitted train step.
+
+    state, shardings = init_train_state(model, optimizer, example_batch, mesh, rules)
+    train_step = make_train_step(model, optimizer, make_loss_fn(loss), shardings,
+                                 batch_shardings, mesh, rules)
+    state, metrics = train_step(state, batch)      # batch: global jax.Arrays
+
+Shardings come from the parameters' logical axis names through the rule table, so data,
+tensor and fully sharded data parallelism are the same code with a different table. The
+batch is one global array, so the loss sees every query and passage of the global batch
+(XLA gathers the embeddings for the similarity matrix); nothing here is per device.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from samtone import losses
+from samtone import optimizers
+from samtone import partitioning
+from samtone.models import t5
+
+LossFn = Callable[[dict, dict], jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step reads and writes; a plain pytree (checkpointed as is)."""
+
+    step: jax.Array  # int32 scalar: steps taken, skipped non-finite ones included
+    params: Any  # unboxed parameter tree (what model.apply takes under "params")
+    opt_state: Any
+    dropout_rng: jax.Array  # uint32[2] base key; step i uses fold_in(dropout_rng, i)
+
+
+# ---------------------------------------------------------------------------------------------
+# Initialisation.
+
+
+def _abstract_batch(example_batch: dict) -> dict:
+    return {name: jax.ShapeDtypeStruct(np.shape(value), value.dtype)
+            for name, value in example_batch.items()}
+
+
+def _seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """(params key, dropout key) of `seed`."""
+    params_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(seed))
+    return params_rng, dropout_rng
+
+
+def _init_fn(model: nn.Module, example_batch: dict, seed: int, mesh: Mesh, rules) -> Callable:
+    """() -> boxed params of `model`, from `seed`; to be traced (eval_shape or jit)."""
+    batch = _abstract_batch(example_batch)
+
+    def init():
+        with partitioning.axis_rules(mesh, rules):
+            params_rng, _ = _seed_keys(seed)
+            query = jnp.zeros(batch["query_tokens"].shape, jnp.int32)
+            passage = jnp.zeros(batch["passage_tokens"].shape, jnp.int32)
+            return model.init({"params": params_rng}, query, passage, deterministic=True)["params"]
+
+    return init
+
+
+def train_state_shardings(model: nn.Module, optimizer: optax.GradientTransformation,
+                          example_batch: dict, mesh: Mesh, rules, *, seed: int = 0
+                          ) -> tuple[TrainState, TrainState]:
+    """(TrainState of ShapeDtypeStructs, TrainState of NamedShardings), allocating nothing."""
+    boxed = jax.eval_shape(_init_fn(model, example_batch, seed, mesh, rules))
+    param_specs = partitioning.logical_specs(boxed)
+    params = nn.unbox(boxed)
+    opt_state = jax.eval_shape(optimizer.init, params)
+    specs = TrainState(
+        step=PartitionSpec(), params=param_specs,
+        opt_state=optimizers.opt_state_logical_specs(opt_state, params, param_specs),
+        dropout_rng=PartitionSpec())
+    abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                          opt_state=opt_state,
+                          dropout_rng=jax.eval_shape(lambda: _seed_keys(seed)[1]))
+    return abstract, partitioning.logical_shardings(specs, mesh, rules)
+
+
+def init_train_state(model: nn.Module, optimizer: optax.GradientTransformation,
+                     example_batch: dict, mesh: Mesh, rules, *, seed: int = 0,
+                     init_params: Any = None) -> tuple[TrainState, TrainState]:
+    """A fresh TrainState created directly in its shardings, and those shardings.
+
+    Random initialisation runs under `jax.jit(out_shardings=...)`, so each device only ever
+    holds its own shards. `init_params` (e.g. pretrained encoder towers) is a full or partial
+    parameter tree, boxed or not, optionally under "params": its leaves are placed onto their
+    shardings (`jax.device_put`; host arrays shard by shard) and any parameter it lacks
+    (e.g. the projection) is initialised randomly. T5 encoder layers are restacked if it has
+    the other layer layout (layers_{i} vs scan_layers' layers).
+
+    Args:
+      model: the DualEncoder (any module taking (query_tokens, passage_tokens, *, deterministic)).
+      optimizer: an optax transformation, e.g. `optimizers.make_optimizer(...)`.
+      example_batch: a batch (arrays or ShapeDtypeStructs) with the global shapes.
+      mesh, rules: the device mesh and logical axis rules.
+      seed: seeds the parameters and the dropout key.
+    """
+    abstract, shardings = train_state_shardings(model, optimizer, example_batch, mesh, rules,
+                                                seed=seed)
+    init = _init_fn(model, example_batch, seed, mesh, rules)
+    _, dropout_rng = _seed_keys(seed)
+    if init_params is None:
+        def init_state():
+            params = nn.unbox(init())
+            return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                              opt_state=optimizer.init(params), dropout_rng=dropout_rng)
+
+        return jax.jit(init_state, out_shardings=shardings)(), shardings
+
+    params = _place_params(init_params, abstract.params, shardings.params, init)
+    opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
+    state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step),
+                       params=params, opt_state=opt_state,
+                       dropout_rng=jax.device_put(dropout_rng, shardings.dropout_rng))
+    return state, shardings
+
+
+def _place_params(init_params, abstract_params, param_shardings, init) -> Any:
+    """`init_params` on their shardings, the parameters it lacks randomly initialised."""
+    given = nn.unbox(init_params)
+    if isinstance(given, dict) and set(given) == {"params"}:
+        given = given["params"]
+    given = _align_layout(given, abstract_params, "params")
+    abstract_leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_params)
+    given_by_path = dict(jax.tree_util.tree_flatten_with_path(given)[0])
+    sharding_leaves = treedef.flatten_up_to(param_shardings)
+    missing = [i for i, (path, _) in enumerate(abstract_leaves) if path not in given_by_path]
+    if missing:
+        def init_missing():
+            leaves = jax.tree.leaves(nn.unbox(init()))
+            return [leaves[i] for i in missing]
+
+        # XLA drops the initialisers of the parameters that are not returned.
+        random_values = jax.jit(init_missing, out_shardings=[sharding_leaves[i] for i in missing])()
+    values = []
+    random_iter = iter(random_values if missing else ())
+    for (path, leaf), sharding in zip(abstract_leaves, sharding_leaves):
+        if path not in given_by_path:
+            values.append(next(random_iter))
+            continue
+        value = given_by_path[path]
+        if tuple(np.shape(value)) != tuple(leaf.shape):
+            raise ValueError(f"init_params{jax.tree_util.keystr(path)} has shape "
+                             f"{tuple(np.shape(value))}; the model's parameter has {leaf.shape}")
+        values.append(_place(value, leaf.dtype, sharding))
+    return treedef.unflatten(values)
+
+
+def _place(value, dtype, sharding: NamedSharding) -> jax.Array:
+    """`value` as a global array laid out as `sharding`, each device given only its shard."""
+    if isinstance(value, jax.Array):
+        return jax.device_put(value.astype(dtype), sharding)
+    # A host array (every process holds all of it, as after reading a checkpoint): each
+    # device's slice is copied from it, which also works when other processes own devices.
+    value = np.asarray(value, dtype)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def _align_layout(given, abstract, where: str):
+    """`given` with T5 layer stacks converted to `abstract`'s layout; unknown keys are errors."""
+    if not isinstance(abstract, dict):
+        return given
+    if not isinstance(given, dict):
+        raise ValueError(f"init_params: {where} should be a dict with keys {sorted(abstract)}, "
+                         f"found {type(given).__name__}")
+    if "layers" in abstract and "layers_0" in given:
+        given = t5.stack_layer_params(given, sum(k.startswith("layers_") for k in given))
+    elif "layers_0" in abstract and "layers" in given:
+        given = t5.unstack_layer_params(given)
+    unknown = sorted(set(given) - set(abstract))
+    if unknown:
+        raise ValueError(f"init_params: {where} has {unknown}, which the model does not; it has "
+                         f"{sorted(abstract)}")
+    return {key: _align_layout(value, abstract[key], f"{where}/{key}")
+            for key, value in given.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss adapter.
+
+# Inputs a loss may take besides the two [B, D] embeddings, and where they come from.
+_OPTIONAL_INPUTS: dict[str, Callable[[dict, dict], Any]] = {
+    "negatives": lambda outputs, batch: outputs.get("negatives"),
+    "query_ids": lambda outputs, batch: batch.get("query_ids"),
+    "passage_ids": lambda outputs, batch: batch.get("passage_ids"),
+    "negative_ids": lambda outputs, batch: batch.get("negative_ids"),
+    "labels": lambda outputs, batch: batch.get("labels"),
+}
+
+
+def make_loss_fn(loss: Callable[..., jax.Array]) -> LossFn:
+    """Adapts a pure loss of (query, passage, ...) to (model outputs, batch) -> float32 scalar.
+
+    The loss's signature is read once, here: it gets `negatives`, `query_ids`,
+    `passage_ids`, `negative_ids` and `labels` only if it has a parameter of that name (or
+    **kwargs) and the outputs or batch hold them. A parameter without a default (CoSENT's
+    `labels`) that the batch lacks is an error at trace time.
+    """
+    try:
+        parameters = inspect.signature(loss).parameters
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"make_loss_fn: cannot read the signature of {loss!r}: {error}") from error
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    accepted = [name for name in _OPTIONAL_INPUTS if takes_any or (
+        name in parameters and parameters[name].kind in (
+            inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY))]
+    required = [name for name in accepted
+                if name in parameters and parameters[name].default is inspect.Parameter.empty]
+    loss_name = getattr(loss, "__name__", repr(loss))
+
+    def loss_fn(outputs: dict, batch: dict) -> jax.Array:
+        inputs = {}
+        for name in accepted:
+            value = _OPTIONAL_INPUTS[name](outputs, batch)
+            if value is None:
+                if name in required:
+                    raise ValueError(f"{loss_name} needs '{name}', which the batch does not have "
+                                     f"(batch keys: {sorted(batch)})")
+                continue
+            inputs[name] = value.astype(jnp.float32) if name in ("negatives", "labels") else value
+        query = outputs["query"].astype(jnp.float32)
+        passage = outputs["passage"].astype(jnp.float32)
+        return jnp.asarray(loss(query, passage, **inputs), jnp.float32)
+
+    loss_fn.__name__ = f"loss_fn_of_{loss_name}"
+    return loss_fn
+
+
+# ---------------------------------------------------------------------------------------------
+# The step.
+
+
+def _uses_dropout(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    return getattr(config, "dropout_rate", 0.0) > 0
+
+
+def loss_and_gradients(model: nn.Module, loss_fn: LossFn, params, batch: dict, dropout_rng
+                       ) -> tuple[tuple[jax.Array, dict], Any]:
+    """((loss, model outputs), gradients) on one global batch; call it inside jit.
+
+    Dropout is on (deterministic=False) when the model's config has dropout_rate > 0, as
+    SimCSE needs.
+    """
+    deterministic = not _uses_dropout(model)
+
+    def compute_loss(params):
+        outputs = model.apply({"params": params}, batch["query_tokens"], batch["passage_tokens"],
+                              batch.get("negative_tokens"), deterministic=deterministic,
+                              rngs={"dropout": dropout_rng})
+        return loss_fn(outputs, batch), outputs
+
+    return jax.value_and_grad(compute_loss, has_aux=True)(params)
+
+
+def train_step(state: TrainState, batch: dict, *, model: nn.Module,
+               optimizer: optax.GradientTransformation, loss_fn: LossFn,
+               skip_nonfinite: bool = False) -> tuple[TrainState, dict]:
+    """One optimiser update on a global batch: (state, batch) -> (state, metrics).
+
+    A non-finite loss or gradient norm sets metrics["nonfinite"]; with `skip_nonfinite`
+    the parameters and optimiser state then stay as they were (only the step advances).
+    """
+    dropout_rng = jax.random.fold_in(state.dropout_rng, state.step)
+    (loss, outputs), grads = loss_and_gradients(model, loss_fn, state.params, batch, dropout_rng)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    gradient_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(gradient_norm)
+    metrics = {
+        "loss": loss,
+        "in_batch_accuracy": losses.in_batch_accuracy(
+            outputs["query"], outputs["passage"], batch.get("passage_ids")),
+        "learning_rate": optimizers.current_learning_rate(opt_state),
+        "gradient_norm": gradient_norm,
+        "nonfinite": ~finite,
+    }
+    if skip_nonfinite:
+        def keep_if_finite(new, old):
+            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+        params = keep_if_finite(params, state.params)
+        opt_state = keep_if_finite(opt_state, state.opt_state)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+
+def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, loss_fn: LossFn,
+                    state_shardings: TrainState, batch_shardings: Any, mesh: Mesh, rules, *,
+                    skip_nonfinite: bool = False) -> Callable[[TrainState, dict],
+                                                              tuple[TrainState, dict]]:
+    """`train_step` jitted once with explicit shardings, the state donated.
+
+    The returned function takes (state, batch) with the batch as global jax.Arrays laid out
+    as `batch_shardings` (see `partitioning.batch_shardings`) and returns (state, metrics),
+    metrics being replicated float32 scalars (and the bool "nonfinite").
+    """
+    step = functools.partial(train_step, model=model, optimizer=optimizer, loss_fn=loss_fn,
+                             skip_nonfinite=skip_nonfinite)
+
+    def step_with_rules(state, batch):
+        with partitioning.axis_rules(mesh, rules):
+            return step(state, batch)
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(step_with_rules, in_shardings=(state_shardings, batch_shardings),
+                   out_shardings=(state_shardings, replicated), donate_argnums=0)
