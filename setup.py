@@ -1,14 +1,24 @@
 """samtone: dual-encoder retrieval models trained with SamToNe and friends, in JAX/Flax."""
+import glob
+import os
+
 import setuptools
+
+# Gin fragments and run configs live at the repo root; installed copies go to
+# <prefix>/share/samtone/, where samtone.gin_config finds them.
+RESOURCE_DIRS = ["configs", *sorted(glob.glob("gin/*"))]
 
 setuptools.setup(
     name="samtone",
     version="0.1.0",
     description="T5.1.1 dual encoders trained with same-tower-negative contrastive losses (JAX/Flax).",
     python_requires=">=3.10",
-    packages=setuptools.find_packages(include=["samtone", "samtone.*"]),
-    package_data={"samtone": ["data/smoke/*", "gin/**/*.gin", "configs/*.gin"]},
-    include_package_data=True,
+    packages=setuptools.find_namespace_packages(include=["samtone", "samtone.*"]),
+    package_data={"samtone": ["data/smoke/*"]},
+    data_files=[
+        (os.path.join("share", "samtone", folder), sorted(glob.glob(os.path.join(folder, "*.gin"))))
+        for folder in RESOURCE_DIRS
+    ],
     install_requires=[
         "jax>=0.10,<0.11",
         "jaxlib>=0.10,<0.11",
