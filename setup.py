@@ -32,6 +32,7 @@ setuptools.setup(
         "tensorstore>=0.1.60",
         "tensorboardX>=2.6",
         "safetensors>=0.4",
+        "flatbuffers>=24.3",  # jax.export (de)serialisation
     ],
     extras_require={
         "test": [
@@ -54,6 +55,8 @@ setuptools.setup(
         "console_scripts": [
             "samtone-train=samtone.train:console_entry",
             "samtone-mine=samtone.mine:console_entry",
+            "samtone-export=samtone.export:console_entry",
+            "samtone-analyze=samtone.analysis:console_entry",
         ]
     },
 )

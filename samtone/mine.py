@@ -25,31 +25,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-from typing import Callable, Sequence
+from typing import Sequence
 
-import gin
 import jax
 import numpy as np
 from absl import logging
-from etils import epath
 
 from samtone import evaluate
-from samtone import gin_config  # noqa: F401  pylint: disable=unused-import  (Gin names)
-from samtone import optimizers
-from samtone import partitioning
-from samtone import train_step
-from samtone.checkpoints import manager as checkpoint_lib
 from samtone.data import files
-from samtone.data.tokenizer import Tokenizer
+# Restoring a run's encoders lives in samtone.inference; re-exported for mine's callers.
+from samtone.inference import TrainedEncoders, load_trained_encoders  # noqa: F401
 
 MAX_SCORES_IN_MEMORY = 1 << 26
-
-
-def _normalize(embeddings: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(embeddings, axis=-1, keepdims=True)
-    return embeddings / np.maximum(norms, 1e-12)
 
 
 def mine_hard_negatives(query_embeddings: np.ndarray, passage_embeddings: np.ndarray,
@@ -68,8 +56,8 @@ def mine_hard_negatives(query_embeddings: np.ndarray, passage_embeddings: np.nda
     Returns:
       Nq lists of corpus indices, highest score first.
     """
-    queries = _normalize(np.asarray(query_embeddings, np.float32))
-    passages = _normalize(np.asarray(passage_embeddings, np.float32))
+    queries = evaluate.normalize_rows(np.asarray(query_embeddings, np.float32))
+    passages = evaluate.normalize_rows(np.asarray(passage_embeddings, np.float32))
     if queries.ndim != 2 or passages.ndim != 2 or queries.shape[1] != passages.shape[1]:
         raise ValueError(f"need [Nq, D] query and [Np, D] passage embeddings, got "
                          f"{queries.shape} and {passages.shape}")
@@ -122,100 +110,6 @@ def _top_negatives(scores: np.ndarray, positives: Sequence[set[int]], k: int,
 
 
 # --- mining a training file with a trained checkpoint ------------------------------------
-
-
-@dataclasses.dataclass
-class TrainedEncoders:
-    """A trained run's encoders as numpy-in, numpy-out functions, and how it tokenised."""
-
-    encode_queries: Callable[[np.ndarray], np.ndarray]
-    encode_passages: Callable[[np.ndarray], np.ndarray]
-    tokenizer: Tokenizer
-    query_length: int
-    passage_length: int
-    step: int
-
-
-def load_trained_encoders(model_dir: str, *, step: int | None = None, batch_size: int = 128,
-                          gin_bindings: Sequence[str] = ()) -> TrainedEncoders:
-    """Rebuilds the model of `model_dir/config.gin` and restores a checkpoint's parameters.
-
-    Uses what `samtone-train` leaves in MODEL_DIR: `config.gin` (the run's Gin config) and
-    `checkpoints/<step>` (orbax), restored onto the config's mesh and rule table as training
-    does. Replaces the process's Gin config with the run's. `step=None`: the newest.
-    """
-    config_path = epath.Path(model_dir) / "config.gin"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{config_path} not found: --model_dir must be the MODEL_DIR of "
-                                "a samtone-train run (it writes config.gin there)")
-    gin.clear_config()
-    # skip_unknown: the run may have used configurables from modules not imported here.
-    gin.parse_config_files_and_bindings([os.fspath(config_path)], list(gin_bindings),
-                                        finalize_config=False, skip_unknown=True)
-
-    model = _gin_setting("train.model")
-    if model is None:
-        raise ValueError(f"{config_path} binds no train.model")
-    mesh = _gin_setting("train.mesh") or partitioning.make_mesh()
-    rules = _gin_setting("train.logical_axis_rules", "data")
-    rules = partitioning.logical_axis_rules(rules) if isinstance(rules, str) else rules
-    # The optimiser only shapes the checkpoint's optimiser state, restored and let go.
-    optimizer_factory = _gin_setting("train.optimizer_factory", optimizers.make_optimizer)
-    optimizer = optimizer_factory(total_steps=_gin_setting("train.num_train_steps"))
-    query_length = _gin_setting("train.query_length", 64)
-    passage_length = _gin_setting("train.passage_length", 256)
-    tokenizer = Tokenizer(_gin_setting("train.vocabulary"))
-
-    token_sharding = partitioning.batch_shardings(
-        jax.ShapeDtypeStruct((batch_size, 1), np.int32), mesh, rules)
-    batch_axes = token_sharding.spec[0]
-    batch_axes = () if batch_axes is None else np.atleast_1d(batch_axes).tolist()
-    batch_shards = math.prod(mesh.shape[axis] for axis in batch_axes)
-    if batch_size % batch_shards:
-        raise ValueError(f"batch_size={batch_size} must be divisible by the {batch_shards} "
-                         f"devices the batch is split over (mesh {dict(mesh.shape)})")
-    example_batch = {"query_tokens": np.zeros((batch_shards, query_length), np.int32),
-                     "passage_tokens": np.zeros((batch_shards, passage_length), np.int32)}
-    shapes, shardings = train_step.train_state_shardings(model, optimizer, example_batch,
-                                                         mesh, rules)
-    manager = checkpoint_lib.make_checkpoint_manager(
-        epath.Path(model_dir) / "checkpoints", async_save=False)
-    restored = checkpoint_lib.restore_checkpoint(
-        manager, checkpoint_lib.abstract_state(shapes, shardings), step=step)
-    manager.close()
-    if restored is None:
-        raise FileNotFoundError(f"no checkpoint in {epath.Path(model_dir) / 'checkpoints'}")
-    trained_params, restored_step = restored[0].params, restored[2]  # optimiser state let go
-    logging.info("restored step %d of %s", restored_step, model_dir)
-
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-    def encoder(method: str) -> Callable[[np.ndarray], np.ndarray]:
-        def encode(params, tokens):
-            with partitioning.axis_rules(mesh, rules):
-                return model.apply({"params": params}, tokens, method=method)
-
-        jitted = jax.jit(encode, in_shardings=(shardings.params, token_sharding),
-                         out_shardings=replicated)
-        return lambda tokens: jitted(trained_params, jax.make_array_from_callback(
-            tokens.shape, token_sharding, lambda index: tokens[index]))
-
-    return TrainedEncoders(encoder("encode_queries"), encoder("encode_passages"), tokenizer,
-                           query_length, passage_length, restored_step)
-
-
-def _gin_setting(name: str, default=None):
-    """A parameter of the parsed config with `%MACRO` and `@fn()` evaluated (`@fn`: the
-    configured function); `default` when the config does not bind it."""
-    try:
-        value = gin.query_parameter(name)
-    except ValueError:
-        return default
-    while isinstance(value, gin.config.ConfigurableReference):
-        if not value.evaluate:
-            return value.scoped_configurable_fn
-        value = value.scoped_configurable_fn()
-    return value
 
 
 def read_corpus(paths: files.PathOrPaths) -> list[str]:
@@ -284,9 +178,9 @@ def mine_training_file(model_dir: str, train_data: files.PathOrPaths, output: st
         positives[query_index[example.query]].add(passage_index[example.passage])
 
     logging.info("encoding %d queries and %d passages", len(queries), len(passages))
-    query_embeddings = evaluate.encode_texts(encoders.encode_queries, encoders.tokenizer,
+    query_embeddings = evaluate.encode_texts(encoders.query_encoder, encoders.tokenizer,
                                              queries, encoders.query_length, batch_size)
-    passage_embeddings = evaluate.encode_texts(encoders.encode_passages, encoders.tokenizer,
+    passage_embeddings = evaluate.encode_texts(encoders.passage_encoder, encoders.tokenizer,
                                                passages, encoders.passage_length, batch_size)
     mined = mine_hard_negatives(query_embeddings, passage_embeddings, positives, k=k,
                                 margin=margin, block_size=block_size)

@@ -1,0 +1,37 @@
+"""Tiny trained runs shared by the serving-side tests (inference, export, analysis)."""
+import os
+import subprocess
+import sys
+
+from samtone.data import files, smoke_path
+from samtone.models import dual_encoder, t5
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUERY_LENGTH, PASSAGE_LENGTH = 16, 32
+
+
+def train_tiny_run(model_dir, *gin_args, steps=2):
+    """samtone-train with configs/smoke.gin (tiny ADE-SPL, 64-d, vocab 1000) for `steps`
+    steps of 8 pairs, a checkpoint after each; returns model_dir."""
+    # One CPU device: compiles twice as fast as 8; the sharded paths have their own tests.
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(
+        [sys.executable, "-m", "samtone.train", "--gin_file=configs/smoke.gin",
+         f"--gin.MODEL_DIR='{model_dir}'", "--gin.EVAL_DATA=None", f"--gin.TRAIN_STEPS={steps}",
+         "--gin.BATCH_SIZE=8", f"--gin.QUERY_LENGTH={QUERY_LENGTH}",
+         f"--gin.PASSAGE_LENGTH={PASSAGE_LENGTH}", "--gin.train.checkpoint_every=1",
+         "--gin.train.keep_checkpoints=None", *gin_args],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return model_dir
+
+
+def smoke_model(**config_overrides):
+    """The DualEncoder configs/smoke.gin builds, written out independently of Gin."""
+    config = t5.t5_1_1_config("tiny", vocab_size=1000, dropout_rate=0.0, **config_overrides)
+    return dual_encoder.DualEncoder(config, architecture="ade_spl", projection_dim=64)
+
+
+def smoke_texts(count=11):
+    examples = files.read_examples(smoke_path("eval.jsonl"))[:count]
+    return [e.query for e in examples], [e.passage for e in examples]
