@@ -63,7 +63,7 @@ def test_batches_hold_the_tokenised_examples(data_file, examples, tokenizer):
     first, second = batches(data_file, tokenizer, 2, shuffle=False, num_negatives=K)
     assert {k: (v.shape, v.dtype) for k, v in first.items()} == {
         "query_tokens": ((BATCH, LQ), np.int32), "passage_tokens": ((BATCH, LP), np.int32),
-        "negative_tokens": ((BATCH, K, LP), np.int32),
+        "negative_tokens": ((BATCH, K, LP), np.int32), "negative_ids": ((BATCH, K), np.int32),
         "query_ids": ((BATCH,), np.int32), "passage_ids": ((BATCH,), np.int32)}
     rows = examples[BATCH:2 * BATCH]  # no shuffle: file order
     np.testing.assert_array_equal(second["query_tokens"],
@@ -75,7 +75,26 @@ def test_batches_hold_the_tokenised_examples(data_file, examples, tokenizer):
                                       tokenizer.encode([e.negatives[k] for e in rows], LP))
     np.testing.assert_array_equal(second["query_ids"], [stable_id(e.query) for e in rows])
     np.testing.assert_array_equal(second["passage_ids"], [stable_id(e.passage) for e in rows])
+    np.testing.assert_array_equal(second["negative_ids"],
+                                  [[stable_id(n) for n in e.negatives[:K]] for e in rows])
     assert "labels" not in first
+
+
+def test_a_negative_that_is_a_passage_gets_that_passages_id(tokenizer):
+    examples = [Example("q1", "p1", negatives=("p2",), passage_id="doc-1"),
+                Example("q2", "p2", negatives=("p3",), passage_id="doc-2"),
+                Example("q3", "p1", negatives=("other",), passage_id="doc-1"),
+                Example("q4", "p3", negatives=("p1",), passage_id="doc-3")]
+    batch = next(make_batch_iterator(examples, tokenizer=tokenizer, global_batch_size=4,
+                                     query_length=8, passage_length=8, num_negatives=1,
+                                     shuffle=False, process_index=0, process_count=1))
+    # Given passage ids are what the loss compares, so a negative equal to a passage's text
+    # must carry that passage's id, not a hash of its text.
+    np.testing.assert_array_equal(batch["negative_ids"][:, 0],
+                                  [stable_id("doc-2"), stable_id("doc-3"), stable_id("other"),
+                                   stable_id("doc-1")])
+    np.testing.assert_array_equal(batch["passage_ids"],
+                                  [stable_id(d) for d in ("doc-1", "doc-2", "doc-1", "doc-3")])
 
 
 def test_order_is_the_seeded_permutation_of_each_epoch(data_file, examples, tokenizer):

@@ -319,6 +319,22 @@ def test_loss_fn_passes_what_each_loss_takes():
                           losses.samtone_loss(q, p, negatives=outputs["negatives"]))
 
 
+def test_loss_fn_passes_negative_ids_so_a_negative_that_is_a_positive_is_dropped():
+    outputs, batch = embeddings()
+    # Example 0's first hard negative is example 3's passage (id 3): dropped from query 3's row.
+    batch["negative_ids"] = jnp.asarray([[3, 10], [11, 12], [13, 14], [15, 16], [17, 18], [19, 20]])
+    # ... and query 3 matches its passage, so that duplicate is as strong as the positive.
+    outputs["query"] = outputs["query"].at[3].set(outputs["passage"][3])
+    outputs["negatives"] = outputs["negatives"].at[0, 0].set(outputs["passage"][3])
+    q, p, n = outputs["query"], outputs["passage"], outputs["negatives"]
+    ids = {"query_ids": batch["query_ids"], "passage_ids": batch["passage_ids"]}
+    value = train_step_lib.make_loss_fn(losses.samtone_loss)(outputs, batch)
+    np.testing.assert_allclose(
+        value, losses.samtone_loss(q, p, negatives=n, negative_ids=batch["negative_ids"], **ids),
+        rtol=1e-6)
+    assert not np.isclose(value, losses.samtone_loss(q, p, negatives=n, **ids))
+
+
 def test_loss_fn_without_negatives_in_the_outputs_and_missing_labels():
     outputs, batch = embeddings(negatives=False)
     value = train_step_lib.make_loss_fn(losses.samtone_loss)(outputs, batch)

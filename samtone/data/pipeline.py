@@ -63,6 +63,7 @@ class TokenizedExamples:
     negative_index: np.ndarray  # int32 [N, K]
     query_ids: np.ndarray  # int32 [N]
     passage_ids: np.ndarray  # int32 [N]
+    negative_ids: np.ndarray  # int32 [N, K]
     labels: np.ndarray | None  # float32 [N]
 
     def __len__(self) -> int:
@@ -87,6 +88,7 @@ class TokenizedExamples:
         }
         if self.negative_index.shape[1]:
             batch["negative_tokens"] = self.passage_table[self.negative_index[rows]]
+            batch["negative_ids"] = self.negative_ids[rows]
         if self.labels is not None:
             batch["labels"] = self.labels[rows]
         return batch
@@ -123,6 +125,15 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, *, query_length: i
         + [n for e in examples for n in e.negatives[:num_negatives]]
     )
     n = len(examples)
+    passage_keys = [e.passage if e.passage_id is None else e.passage_id for e in examples]
+    passage_ids = _stable_ids(passage_keys)
+    # A negative that is some example's passage gets that passage's id, so the loss can drop
+    # it from the rows of the queries it answers (mined "negatives" can be positives too).
+    id_of_text = {}
+    for example, passage_id in zip(examples, passage_ids):
+        id_of_text.setdefault(example.passage, int(passage_id))
+    negative_texts = [t for e in examples for t in e.negatives[:num_negatives]]
+    negative_ids = np.array([id_of_text.get(t, stable_id(t)) for t in negative_texts], np.int32)
     return TokenizedExamples(
         query_table=tokenizer.encode(queries, query_length),
         query_index=query_index,
@@ -130,8 +141,8 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, *, query_length: i
         passage_index=passage_index[:n],
         negative_index=passage_index[n:].reshape(n, num_negatives),
         query_ids=_stable_ids(e.query if e.query_id is None else e.query_id for e in examples),
-        passage_ids=_stable_ids(
-            e.passage if e.passage_id is None else e.passage_id for e in examples),
+        passage_ids=passage_ids,
+        negative_ids=negative_ids.reshape(n, num_negatives),
         labels=np.array([e.label for e in examples], np.float32) if has_label[0] else None,
     )
 
@@ -232,7 +243,8 @@ class BatchIterator:
     """Iterates this process's slice of each global batch (a dict of numpy arrays).
 
     Keys: `query_tokens` int32 [b, Lq], `passage_tokens` int32 [b, Lp], `query_ids` and
-    `passage_ids` int32 [b], `negative_tokens` int32 [b, K, Lp] when num_negatives > 0,
+    `passage_ids` int32 [b], `negative_tokens` int32 [b, K, Lp] and `negative_ids` int32 [b, K]
+    when num_negatives > 0,
     `labels` float32 [b] when the examples have labels; b = global_batch_size / process_count.
     """
 
