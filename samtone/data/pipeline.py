@@ -52,6 +52,23 @@ def _stable_ids(identifiers: Iterable[str]) -> np.ndarray:
     return np.fromiter((stable_id(i) for i in identifiers), dtype=np.int32)
 
 
+def check_saved_state(state: dict, current: dict, *, position_keys: Sequence[str],
+                      must_match: Sequence[str], what: str, saved_for: str) -> None:
+    """Raises unless `state` has every key and agrees with `current` on `must_match`.
+
+    Shared by the iterators' `set_state`: a resume that would not continue the same batches
+    is refused with every mismatch named.
+    """
+    missing = [key for key in (*position_keys, *must_match) if key not in state]
+    if missing:
+        raise ValueError(f"{what} lacks {missing}; got keys {sorted(state)}")
+    mismatched = [f"{key}: saved {state[key]!r}, now {current[key]!r}"
+                  for key in must_match if state[key] != current[key]]
+    if mismatched:
+        raise ValueError(f"{what} was saved for {saved_for}, so resuming would not continue "
+                         "the same batches: " + "; ".join(mismatched))
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class TokenizedExamples:
     """Token arrays for N examples; each distinct text is tokenised once and indexed."""
@@ -313,17 +330,9 @@ class BatchIterator:
 
     def set_state(self, state: dict) -> None:
         """Continues from a `get_state()` of an iterator over the same data and settings."""
-        missing = [key for key in ("epoch", "batch_in_epoch") + _STATE_MUST_MATCH
-                   if key not in state]
-        if missing:
-            raise ValueError(f"the data iterator state lacks {missing}; got keys {sorted(state)}")
-        current = self.get_state()
-        mismatched = [f"{key}: saved {state[key]!r}, now {current[key]!r}"
-                      for key in _STATE_MUST_MATCH if state[key] != current[key]]
-        if mismatched:
-            raise ValueError("the data iterator state was saved for other data or settings, so "
-                             "resuming would not continue the same batches: "
-                             + "; ".join(mismatched))
+        check_saved_state(state, self.get_state(), position_keys=("epoch", "batch_in_epoch"),
+                          must_match=_STATE_MUST_MATCH, what="the data iterator state",
+                          saved_for="other data or settings")
         epoch, batch = int(state["epoch"]), int(state["batch_in_epoch"])
         if epoch < 0 or not 0 <= batch < self.batches_per_epoch:
             raise ValueError(f"invalid data iterator position epoch={epoch}, batch_in_epoch="

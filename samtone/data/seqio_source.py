@@ -37,7 +37,7 @@ import seqio
 import tensorflow as tf
 from absl import logging
 
-from samtone.data.pipeline import stable_id
+from samtone.data.pipeline import check_saved_state, stable_id
 
 QUERY, PASSAGE, NEGATIVES = "query", "passage", "negatives"
 PAD_ID, EOS_ID = 0, 1
@@ -257,18 +257,10 @@ class SeqioBatchIterator:
 
     def set_state(self, state: dict) -> None:
         """Continues after `state["batches_consumed"]` batches (see the module's cost note)."""
-        missing = [k for k in ("batches_consumed",) + _STATE_MUST_MATCH if k not in state]
-        if missing:
-            raise ValueError(f"the seqio iterator state lacks {missing}; got keys "
-                             f"{sorted(state)}")
-        current = self.get_state()
-        mismatched = [f"{key}: saved {state[key]!r}, now {current[key]!r}"
-                      for key in _STATE_MUST_MATCH if state[key] != current[key]]
-        if mismatched:
-            raise ValueError("the seqio iterator state was saved for another task or other "
-                             "settings (a different process_count reads different shards), "
-                             "so resuming would not continue the same batches: "
-                             + "; ".join(mismatched))
+        check_saved_state(state, self.get_state(), position_keys=("batches_consumed",),
+                          must_match=_STATE_MUST_MATCH, what="the seqio iterator state",
+                          saved_for="another task or other settings (a different "
+                                    "process_count reads different shards)")
         position = int(state["batches_consumed"])
         if position < 0:
             raise ValueError(f"batches_consumed must be >= 0, got {position}")
