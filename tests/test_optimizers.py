@@ -1,4 +1,7 @@
-"""Learning-rate schedules, T5 Adafactor against optax's reference, optimiser-state specs."""
+"""Learning-rate schedules, T5 Adafactor against optax's reference and per layer as t5x,
+optimiser-state specs."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,7 +9,9 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from samtone import optimizers
+from samtone import losses, optimizers, partitioning
+from samtone import train_step as train_step_lib
+from samtone.models import dual_encoder, t5
 
 
 def params_and_grads(seed=0):
@@ -143,6 +148,180 @@ def test_current_learning_rate_is_the_rate_of_the_last_update():
         seen.append(float(optimizers.current_learning_rate(state)))
     np.testing.assert_allclose(seen, [0.0, 0.0, 0.5, 1.0], atol=1e-7)
     assert np.isnan(float(optimizers.current_learning_rate(optax.sgd(0.1).init(params))))
+
+
+# ---------------------------------------------------------------------------------------------
+# Adafactor per layer: a 'layers' axis is a batch of separate weights (t5x's FactorDim.BATCH).
+
+
+def numpy_adafactor_per_layer(params, grads, learning_rate):
+    """Unfactored T5 Adafactor on a stacked [layers, ...] parameter, by hand, per layer."""
+    params, v = np.asarray(params, np.float64), 0.0
+    layer_rms = lambda x: np.sqrt(np.mean(np.square(x), axis=(1, 2), keepdims=True))  # noqa: E731
+    for t, grad in enumerate(np.asarray(g, np.float64) for g in grads):
+        beta2 = 1.0 - (t + 1.0) ** -0.8
+        v = beta2 * v + (1.0 - beta2) * (grad * grad + 1e-30)
+        update = grad / np.sqrt(v)
+        update = update / np.maximum(1.0, layer_rms(update))  # clipping at block RMS 1
+        params = params - learning_rate * np.maximum(layer_rms(params), 1e-3) * update
+    return params
+
+
+def test_clipping_and_parameter_scale_are_per_layer_by_hand():
+    """Layer 0 has RMS ~1 and a gradient that jumps 1000x at step 2 (its update is clipped);
+    layer 1 has RMS ~0.01 and a falling gradient. Per layer, each keeps its own scale; one
+    RMS over the stack (optax's blocks) moves layer 1 by layer 0's scale."""
+    rng = np.random.default_rng(3)
+    params = rng.normal(size=(2, 16, 24)) * np.array([1.0, 0.01])[:, None, None]
+    grads = [rng.normal(size=(2, 16, 24)) * np.array(scales)[:, None, None]
+             for scales in ([1e-3, 1.0], [1.0, 1e-3], [1.0, 1e-3])]
+    expected = numpy_adafactor_per_layer(params, grads, learning_rate=0.1)
+    spec = {"stacked": P("layers", "embed", "mlp")}
+
+    def train(optimizer):
+        final, _ = run(optimizer, {"stacked": jnp.asarray(params, jnp.float32)},
+                       [{"stacked": jnp.asarray(g, jnp.float32)} for g in grads])
+        return np.asarray(final["stacked"])
+
+    per_layer = train(optimizers.make_optimizer(learning_rate=0.1, total_steps=10,
+                                                schedule="constant", logical_axes=spec))
+    for i in range(2):  # float32 rounding is relative to each layer's own scale
+        np.testing.assert_allclose(per_layer[i], expected[i], rtol=1e-5,
+                                   atol=1e-6 * np.abs(expected[i]).max(), err_msg=f"layer {i}")
+    # Without the axes (set_logical_axes not called), the stack is one block: layer 1 moves
+    # many times further than by hand.
+    whole = train(optimizers.make_optimizer(learning_rate=0.1, total_steps=10,
+                                            schedule="constant"))
+    moved = lambda final: np.abs(final[1] - params[1]).mean()  # noqa: E731
+    assert moved(whole) > 10 * moved(expected)
+
+
+def test_stacked_params_train_as_their_layers_one_by_one():
+    """Factoring, clipping and scale of a [layers, ...] parameter equal those of each layer
+    alone: the factored axes are the two largest weight axes ([3, 24] is not factored at
+    all, though optax would factor it across layers), and the state stacks the layers'."""
+    rng = np.random.default_rng(1)
+    shapes = {"kernel": (3, 16, 24), "scale": (3, 24), "wide": (3, 40, 4)}
+    specs = {"kernel": P("layers", "embed", "mlp"), "scale": P("layers", "embed"),
+             "wide": P("layers", "vocab", "heads")}
+
+    def layered(shape, low, high):  # each layer at its own scale, 10^low to 10^high
+        scales = 10 ** rng.uniform(low, high, size=(shape[0],) + (1,) * (len(shape) - 1))
+        return jnp.asarray(rng.normal(size=shape) * scales, jnp.float32)
+
+    params = {k: layered(s, -2, 0) for k, s in shapes.items()}
+    grads = [{k: layered(s, -3, 1) for k, s in shapes.items()} for _ in range(4)]
+    make = functools.partial(optimizers.make_optimizer, learning_rate=1e-2, total_steps=10,
+                             min_dim_size_to_factor=3)
+    stacked, stacked_state = run(make(logical_axes=specs), params, grads)
+    layer = lambda tree, i: {f"{k}_{i}": v[i] for k, v in tree.items()}  # noqa: E731
+    merge = lambda trees: {k: v for tree in trees for k, v in tree.items()}  # noqa: E731
+    one_by_one, state = run(make(), merge(layer(params, i) for i in range(3)),
+                            [merge(layer(g, i) for i in range(3)) for g in grads])
+    for name in shapes:
+        for i in range(3):
+            np.testing.assert_allclose(stacked[name][i], one_by_one[f"{name}_{i}"], rtol=1e-6,
+                                       atol=1e-7, err_msg=f"{name}[{i}]")
+            for field in ("v_row", "v_col", "v"):
+                per_layer = getattr(state[0], field)[f"{name}_{i}"]
+                whole = getattr(stacked_state[0], field)[name]
+                np.testing.assert_allclose(whole if per_layer.shape == (1,) else whole[i],
+                                           per_layer, rtol=1e-6, err_msg=f"{field} {name}[{i}]")
+    assert stacked_state[0].v["scale"].shape == (3, 24)  # one weight axis: not factored
+    assert stacked_state[0].v_row["wide"].shape == (3, 4)  # mean over vocab (40)
+
+
+def test_logical_axes_are_set_once_per_optimizer():
+    optimizer = optimizers.make_optimizer(total_steps=10)
+    optimizers.set_logical_axes(optimizer, {"w": P("layers", "embed")})
+    optimizers.set_logical_axes(optimizer, {"w": P("layers", "embed")})  # the same: fine
+    with pytest.raises(ValueError, match="one optimiser per model"):
+        optimizers.set_logical_axes(optimizer, {"w": P(None, "embed")})
+    with pytest.raises(ValueError, match="logical_axes do not match the parameters"):
+        optimizer.init({"v": jnp.zeros((2, 3))})
+    optimizers.set_logical_axes(optax.adam(1e-3), {"w": P("layers")})  # not ours: left alone
+
+
+# Scanned and unrolled tiny dual encoders, several steps, from the same initial parameters.
+
+NUM_LAYERS, BATCH_SIZE, LENGTH = 2, 8, 8
+# At temperature 0.01 a random tiny model's softmax saturates, and tokens seen only by
+# saturated queries get gradients of ~1e-10 whose rounding (scanned or not) Adafactor's
+# normalisation turns into O(learning rate) differences; at 1 every gradient is well above it.
+LOSS_FN = train_step_lib.make_loss_fn(functools.partial(losses.in_batch_softmax_loss,
+                                                        temperature=1.0))
+
+
+def tiny_batch(seed):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(2, 128, size=(2, BATCH_SIZE, LENGTH)).astype(np.int32)
+    tokens[:, :, -1] = 1  # EOS
+    tokens[:, ::2, -3:] = 0  # padding in half the rows
+    return {"query_tokens": tokens[0], "passage_tokens": tokens[1],
+            "query_ids": np.arange(BATCH_SIZE, dtype=np.int32),
+            "passage_ids": np.arange(BATCH_SIZE, dtype=np.int32)}
+
+
+def train_tiny(scan_layers, remat_policy, mesh_shape, rules_name, init_params=None, steps=3):
+    """(initial params, final state) on the host after `steps` Adafactor steps."""
+    config = t5.t5_1_1_config("tiny", num_layers=NUM_LAYERS, dropout_rate=0.0,
+                              scan_layers=scan_layers, remat_policy=remat_policy)
+    model = dual_encoder.DualEncoder(config, "ade_spl", projection_dim=16)
+    # min_dim_size_to_factor=2 factors every matrix, and would factor the [layers, embed]
+    # norm scales across layers if 'layers' were a weight axis.
+    optimizer = optimizers.make_optimizer(learning_rate=1e-2, total_steps=10,
+                                          min_dim_size_to_factor=2)
+    devices = jax.devices()[:1] if mesh_shape == (1, 1) else None
+    mesh = partitioning.make_mesh(mesh_shape, devices=devices)
+    rules = partitioning.logical_axis_rules(rules_name)
+    state, shardings = train_step_lib.init_train_state(model, optimizer, tiny_batch(0), mesh, rules,
+                                                       init_params=init_params)
+    initial_params = jax.device_get(state.params)
+    batch_shardings = partitioning.batch_shardings(tiny_batch(0), mesh, rules)
+    step = train_step_lib.make_train_step(model, optimizer, LOSS_FN, shardings, batch_shardings,
+                                          mesh, rules)
+    for seed in range(steps):
+        state, _ = step(state, jax.device_put(tiny_batch(seed), batch_shardings))
+    return initial_params, jax.device_get(state)
+
+
+def assert_scanned_equals_unrolled(scanned, unrolled, what):
+    """Each [layers, ...] leaf of `scanned`, split, equals the layers_{i} leaves of `unrolled`
+    (a (1,) placeholder equals each layer's); every other leaf equals its namesake."""
+    expected = dict(jax.tree_util.tree_flatten_with_path(unrolled)[0])
+    stack = jax.tree_util.DictKey("layers")
+    compared = set()
+    for path, value in jax.tree_util.tree_flatten_with_path(scanned)[0]:
+        pairs = [(path, value)]
+        if stack in path:
+            k = path.index(stack)
+            pairs = [(path[:k] + (jax.tree_util.DictKey(f"layers_{i}"),) + path[k + 1:],
+                      value if np.shape(value) == (1,) else value[i]) for i in range(NUM_LAYERS)]
+        for unrolled_path, part in pairs:
+            want = np.asarray(expected[unrolled_path])
+            np.testing.assert_allclose(part, want, rtol=1e-5,
+                                       atol=1e-6 + 1e-5 * float(np.max(np.abs(want))),
+                                       err_msg=what + jax.tree_util.keystr(unrolled_path))
+            compared.add(unrolled_path)
+    assert compared == set(expected), what
+
+
+@functools.lru_cache(maxsize=None)
+def unrolled_on_one_device(remat_policy):
+    return train_tiny(False, remat_policy, (1, 1), "data")
+
+
+@pytest.mark.parametrize("mesh_shape, rules_name", [((1, 1), "data"), ((2, 4), "fsdp_model")])
+@pytest.mark.parametrize("remat_policy", ["none", "full"])
+def test_scanned_layers_train_as_unrolled_ones(remat_policy, mesh_shape, rules_name):
+    """The scanned model, on one device or sharded, against the unrolled one on one device."""
+    initial, unrolled = unrolled_on_one_device(remat_policy)
+    _, scanned = train_tiny(True, remat_policy, mesh_shape, rules_name,
+                            init_params=t5.stack_layer_params(initial, NUM_LAYERS))
+    assert scanned.params["query_encoder"]["layers"]["mlp"]["wo"]["kernel"].shape == (2, 64, 32)
+    assert_scanned_equals_unrolled(scanned.params, unrolled.params, "params")
+    assert_scanned_equals_unrolled(scanned.opt_state, unrolled.opt_state, "opt_state")
+    assert int(scanned.step) == int(unrolled.step) == 3
 
 
 # ---------------------------------------------------------------------------------------------
