@@ -33,6 +33,7 @@ setuptools.setup(
         "tensorboardX>=2.6",
         "safetensors>=0.4",
         "flatbuffers>=24.3",  # jax.export (de)serialisation
+        "tqdm>=4.60",  # progress bars on long encoding and search
     ],
     extras_require={
         "test": [
@@ -53,10 +54,10 @@ setuptools.setup(
     },
     entry_points={
         "console_scripts": [
-            "samtone-train=samtone.train:console_entry",
-            "samtone-mine=samtone.mine:console_entry",
-            "samtone-export=samtone.export:console_entry",
-            "samtone-analyze=samtone.analysis:console_entry",
+            "samtone-train=samtone.cli.train:console_entry",
+            "samtone-mine=samtone.cli.mine:console_entry",
+            "samtone-export=samtone.cli.export:console_entry",
+            "samtone-analyze=samtone.cli.analyze:console_entry",
         ]
     },
 )

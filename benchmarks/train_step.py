@@ -86,7 +86,9 @@ def main(argv=None):
     batch_shardings = partitioning.batch_shardings(batch, mesh, rules)
     device_batch = jax.device_put(batch, batch_shardings)
     step = train_step_lib.make_train_step(
-        model, optimizer, train_step_lib.make_loss_fn(losses.samtone_loss), state_shardings,
+        model, optimizer, train_step_lib.make_loss_fn(
+            losses.samtone_loss, ("negatives", "query_ids", "passage_ids", "negative_ids")),
+        state_shardings,
         batch_shardings, mesh, rules)
 
     started = time.perf_counter()

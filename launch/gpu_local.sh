@@ -15,4 +15,4 @@ export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true 
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-1}
 
-exec "${PYTHON:-python}" -m samtone.train --gin_file="$config" "$@"
+exec "${PYTHON:-python}" -m samtone.cli.train --gin_file="$config" "$@"

@@ -15,7 +15,7 @@ export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$devices
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true' INT TERM
 for ((i = 0; i < num_processes; i++)); do
-  "${PYTHON:-python}" -m samtone.train --gin_file="$config" \
+  "${PYTHON:-python}" -m samtone.cli.train --gin_file="$config" \
     --gin.distributed.coordinator_address="'localhost:$port'" \
     --gin.distributed.num_processes="$num_processes" --gin.distributed.process_id="$i" \
     --gin.distributed.cpu_collectives="'gloo'" "$@" &

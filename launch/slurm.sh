@@ -21,4 +21,4 @@ export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true 
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
 
 srun --ntasks-per-node=1 --kill-on-bad-exit=1 \
-  "${PYTHON:-python}" -m samtone.train --gin_file="$config" --gin.distributed.auto=True "$@"
+  "${PYTHON:-python}" -m samtone.cli.train --gin_file="$config" --gin.distributed.auto=True "$@"

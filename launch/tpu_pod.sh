@@ -18,4 +18,4 @@ repo_dir=${REPO_DIR:-'~/samtone'}  # expanded on the workers
 
 args=$(printf ' %q' --gin_file="$config" --gin.distributed.auto=True "$@")
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" ${PROJECT:+--project="$PROJECT"} \
-  --worker=all --command="cd $repo_dir && python3 -m samtone.train$args"
+  --worker=all --command="cd $repo_dir && python3 -m samtone.cli.train$args"

@@ -38,6 +38,7 @@ import numpy as np
 from samtone import evaluate
 from samtone import inference
 from samtone.data import files
+from samtone.normalize import l2_normalize
 
 Pairs = Sequence[tuple[int, int]]
 # Rows of a similarity matrix computed at once, bounding memory to BLOCK_ROWS x N floats.
@@ -48,8 +49,7 @@ def _unit(embeddings: np.ndarray, name: str) -> np.ndarray:
     embeddings = np.asarray(embeddings, np.float64)
     if embeddings.ndim != 2 or len(embeddings) == 0:
         raise ValueError(f"{name} must be a non-empty [N, D] array, got shape {embeddings.shape}")
-    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
-    return embeddings / np.maximum(norms, 1e-12)
+    return l2_normalize(embeddings)
 
 
 def _check_pairs(pairs: Pairs, num_queries: int, num_passages: int) -> np.ndarray:
@@ -255,19 +255,6 @@ def top1_distance_histogram(query_embeddings: np.ndarray, passage_embeddings: np
     return distances
 
 
-# --- command line ----------------------------------------------------------------------------
-
-
-def _load_encoders(model_dir: str, step: int | None, batch_size: int):
-    """A samtone-export directory (config.json) or a samtone-train MODEL_DIR."""
-    if os.path.exists(os.path.join(model_dir, inference.CONFIG_FILE)):
-        if step is not None:
-            raise ValueError(f"{model_dir} is an export, which holds one step only; --step "
-                             "applies to training MODEL_DIRs")
-        return inference.load_exported(model_dir, batch_size=batch_size)
-    return inference.load_trained_encoders(model_dir, step=step, batch_size=batch_size)
-
-
 def _sample(pairs: np.ndarray, num_queries: int, max_points: int, seed: int
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(query indices, passage indices, pairs in the sample's numbering): at most
@@ -300,8 +287,6 @@ def analyze(model_dir: str, data: str | Sequence[str], output_dir: str, *,
     with its passages); the histograms and numbers use every pair.
     """
     examples = files.read_examples(data)
-    if not examples:
-        raise ValueError(f"no examples in {data}")
     queries = list(dict.fromkeys(e.query for e in examples))
     passages = list(dict.fromkeys(e.passage for e in examples))
     query_index = {text: i for i, text in enumerate(queries)}
@@ -309,7 +294,7 @@ def analyze(model_dir: str, data: str | Sequence[str], output_dir: str, *,
     pairs = np.array(sorted({(query_index[e.query], passage_index[e.passage])
                              for e in examples}), np.int64)
 
-    encoders = _load_encoders(model_dir, step, batch_size)
+    encoders = inference.Encoder.load(model_dir, step=step, batch_size=batch_size)
     query_embeddings = encoders.encode_queries(queries)
     passage_embeddings = encoders.encode_passages(passages)
 
@@ -336,40 +321,3 @@ def analyze(model_dir: str, data: str | Sequence[str], output_dir: str, *,
         json.dump(summary, f, indent=2)
         f.write("\n")
     return summary
-
-
-def define_flags() -> None:
-    from absl import flags  # pylint: disable=import-outside-toplevel
-    flags.DEFINE_string("model_dir", None, "MODEL_DIR of a samtone-train run, or a "
-                        "samtone-export directory.", required=True)
-    flags.DEFINE_list("data", None, "(query, passage) pairs: JSONL/TSV/BEIR folder, globs.",
-                      required=True)
-    flags.DEFINE_string("output_dir", None, "Where tsne.png, distances.png and summary.json "
-                        "go.", required=True)
-    flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-    flags.DEFINE_integer("batch_size", 128, "Texts encoded at once.")
-    flags.DEFINE_integer("max_points", 2000, "Most queries + passages in the t-SNE plot.")
-    flags.DEFINE_integer("seed", 0, "Seeds the t-SNE and its sample.")
-
-
-def main(argv: Sequence[str]) -> None:
-    from absl import flags  # pylint: disable=import-outside-toplevel
-    if len(argv) > 1:
-        raise SystemExit(f"unexpected arguments {argv[1:]}")
-    flag_values = flags.FLAGS
-    summary = analyze(flag_values.model_dir, flag_values.data, flag_values.output_dir,
-                      step=flag_values.step, batch_size=flag_values.batch_size,
-                      max_points=flag_values.max_points, seed=flag_values.seed)
-    for name, value in summary.items():
-        print(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
-    print(f"wrote tsne.png, distances.png, summary.json to {flag_values.output_dir}")
-
-
-def console_entry() -> None:
-    from absl import app  # pylint: disable=import-outside-toplevel
-    define_flags()
-    app.run(main)
-
-
-if __name__ == "__main__":
-    console_entry()

@@ -15,14 +15,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from samtone import metrics
+from samtone.normalize import l2_normalize
 
 EncodeFn = Callable[[np.ndarray], Any]
-
-
-def normalize_rows(embeddings: np.ndarray) -> np.ndarray:
-    """Each row divided by its L2 norm (all-zero rows stay zero)."""
-    norms = np.linalg.norm(embeddings, axis=-1, keepdims=True)
-    return embeddings / np.maximum(norms, 1e-12)
 
 
 def retrieval_metrics(
@@ -54,7 +49,7 @@ def retrieval_metrics(
             f"need [Nq, D] query and [Np, D] passage embeddings, got {queries.shape} and {passages.shape}"
         )
     if similarity == "cosine":
-        queries, passages = normalize_rows(queries), normalize_rows(passages)
+        queries, passages = l2_normalize(queries), l2_normalize(passages)
     elif similarity != "dot":
         raise ValueError(f"similarity must be 'cosine' or 'dot', got {similarity!r}")
     for query in qrels:
@@ -146,8 +141,8 @@ def graded_metrics(
     a_embeddings: np.ndarray, b_embeddings: np.ndarray, labels: Sequence[float]
 ) -> dict[str, float]:
     """{"spearman": rank correlation of cosine(a_i, b_i) with labels_i} (STS / CoSENT data)."""
-    a = normalize_rows(np.asarray(a_embeddings, dtype=np.float32))
-    b = normalize_rows(np.asarray(b_embeddings, dtype=np.float32))
+    a = l2_normalize(np.asarray(a_embeddings, dtype=np.float32))
+    b = l2_normalize(np.asarray(b_embeddings, dtype=np.float32))
     labels = np.asarray(labels, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 2 or labels.shape != (a.shape[0],):
         raise ValueError(

@@ -2,7 +2,7 @@
 
     samtone-export --model_dir=runs/base --export_dir=exports/base [--step=N] [--overwrite]
 
-writes a self-contained directory:
+(the command line is samtone.cli.export) writes a self-contained directory:
 
   config.json              T5Config fields (of the unscanned layout below), architecture,
                            projection_dim, query_length, passage_length, step, platforms,
@@ -54,6 +54,8 @@ from flax import traverse_util
 
 import samtone
 from samtone import inference
+from samtone import run_manifest
+from samtone.errors import CheckpointError, ConfigError, OutputExistsError
 from samtone.checkpoints import manager as checkpoint_lib
 from samtone.models import dual_encoder
 from samtone.models import t5
@@ -64,37 +66,25 @@ KNOWN_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 
 def export_model(model_dir: str | os.PathLike, export_dir: str | os.PathLike, *,
                  step: int | None = None, overwrite: bool = False,
-                 platforms: Sequence[str] = DEFAULT_PLATFORMS,
-                 gin_bindings: Sequence[str] = ()) -> dict:
+                 platforms: Sequence[str] = DEFAULT_PLATFORMS) -> dict:
     """Exports checkpoint `step` (default: the newest) of the samtone-train run in `model_dir`.
 
-    The model, lengths and vocabulary come from `model_dir/config.gin` (`gin_bindings` apply
-    after it); the parameters are read on one device whatever mesh wrote them.
+    The model, lengths and vocabulary come from the run's manifest (`model.json`); only the
+    parameters are read, on one device, whatever mesh wrote them.
 
     Returns:
       The config.json written.
     """
     _check_platforms(platforms)
     _check_target(export_dir, overwrite)
-    run = inference.read_run_config(model_dir, gin_bindings)
-    checkpoints = epath.Path(model_dir) / "checkpoints"
-    if step is not None:
-        steps = _checkpoint_steps(checkpoints)
-        if step not in steps:
-            raise FileNotFoundError(f"no checkpoint of step {step} in {checkpoints}; it has "
-                                    f"steps {steps}")
-    state, _, restored_step = checkpoint_lib.read_checkpoint(checkpoints, step=step)
+    run = run_manifest.read(model_dir)
+    params, restored_step = checkpoint_lib.read_params(epath.Path(model_dir) / "checkpoints",
+                                                       step=step)
     logging.info("read step %d of %s", restored_step, model_dir)
-    return write_export(export_dir, model=run.model, params=state["params"],
+    return write_export(export_dir, model=run.model(), params=params,
                         vocabulary=run.vocabulary, query_length=run.query_length,
                         passage_length=run.passage_length, step=restored_step,
                         overwrite=overwrite, platforms=platforms)
-
-
-def _checkpoint_steps(directory: epath.Path) -> list[int]:
-    if not directory.exists():
-        return []
-    return sorted(int(path.name) for path in directory.iterdir() if path.name.isdigit())
 
 
 def write_export(export_dir: str | os.PathLike, *, model: dual_encoder.DualEncoder, params: Any,
@@ -135,7 +125,7 @@ def write_export(export_dir: str | os.PathLike, *, model: dual_encoder.DualEncod
             "projection_dim": serving_model.projection_dim,
             "query_length": int(query_length),
             "passage_length": int(passage_length),
-            "t5_config": config_to_json(serving_model.config),
+            "t5_config": run_manifest.config_to_json(serving_model.config),
             "platforms": list(platforms),
         }
         config_path = os.path.join(temporary, inference.CONFIG_FILE)
@@ -157,22 +147,6 @@ def serving_dual_encoder(model: dual_encoder.DualEncoder) -> dual_encoder.DualEn
     config = dataclasses.replace(model.config, scan_layers=False, remat_policy="none")
     return dual_encoder.DualEncoder(config, architecture=model.architecture,
                                     projection_dim=model.projection_dim)
-
-
-def config_to_json(config: t5.T5Config) -> dict:
-    """T5Config fields as JSON values (dtypes by name: "float32", "bfloat16")."""
-    fields = dataclasses.asdict(config)
-    for name in ("dtype", "param_dtype"):
-        fields[name] = jnp.dtype(fields[name]).name
-    return fields
-
-
-def config_from_json(fields: dict) -> t5.T5Config:
-    """The T5Config of `config_to_json`'s output."""
-    fields = dict(fields)
-    for name in ("dtype", "param_dtype"):
-        fields[name] = jnp.dtype(fields[name])
-    return t5.T5Config(**fields)
 
 
 def flatten_params(params: Any) -> dict[str, np.ndarray]:
@@ -198,7 +172,7 @@ def _check_params(flat: dict[str, np.ndarray], model: dual_encoder.DualEncoder,
         differences = sorted(
             f"{name}: model {expected.get(name)}, params {found.get(name)}"
             for name in set(expected) | set(found) if expected.get(name) != found.get(name))
-        raise ValueError(f"the parameters do not fit the configured {model.architecture} model: "
+        raise CheckpointError(f"the parameters do not fit the configured {model.architecture} model: "
                          + "; ".join(differences[:10]))
 
 
@@ -243,16 +217,16 @@ def _check_platforms(platforms: Sequence[str]) -> None:
     unknown = sorted(set(platforms) - set(KNOWN_PLATFORMS))
     if unknown or not platforms:
         # jax.export lowers for any name without complaint; the module would never run.
-        raise ValueError(f"platforms must be some of {KNOWN_PLATFORMS}; got {list(platforms)} "
+        raise ConfigError(f"platforms must be some of {KNOWN_PLATFORMS}; got {list(platforms)} "
                          f"(unknown platforms {unknown})")
 
 
 def _check_target(export_dir: str | os.PathLike, overwrite: bool) -> None:
     path = os.fspath(export_dir)
     if os.path.exists(path) and not os.path.isdir(path):
-        raise FileExistsError(f"export_dir {path} is a file, not a directory")
+        raise OutputExistsError(f"export_dir {path} is a file, not a directory")
     if os.path.isdir(path) and os.listdir(path) and not overwrite:
-        raise FileExistsError(f"export_dir {path} exists and is not empty; choose another "
+        raise OutputExistsError(f"export_dir {path} exists and is not empty; choose another "
                               "directory or pass overwrite=True (--overwrite)")
 
 
@@ -266,42 +240,3 @@ def _move_into_place(temporary: str, export_dir: str, overwrite: bool) -> None:
     os.rename(export_dir, previous)
     os.rename(temporary, export_dir)
     shutil.rmtree(previous)
-
-
-# --- command line --------------------------------------------------------------------------
-
-
-def define_flags() -> None:
-    from absl import flags  # pylint: disable=import-outside-toplevel
-    flags.DEFINE_string("model_dir", None, "MODEL_DIR of a samtone-train run (config.gin and "
-                        "checkpoints/).", required=True)
-    flags.DEFINE_string("export_dir", None, "Directory to write (local path).", required=True)
-    flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the newest).")
-    flags.DEFINE_bool("overwrite", False, "Replace export_dir if it exists and is not empty.")
-    flags.DEFINE_list("platforms", list(DEFAULT_PLATFORMS), "Platforms to lower the StableHLO "
-                      "for (cpu, cuda, rocm, tpu).")
-    flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings applied after the run's "
-                              "config.gin, e.g. \"VOCABULARY = '/new/path/spm.model'\".")
-
-
-def main(argv: Sequence[str]) -> None:
-    from absl import flags  # pylint: disable=import-outside-toplevel
-    if len(argv) > 1:
-        raise SystemExit(f"unexpected arguments {argv[1:]}")
-    flag_values = flags.FLAGS
-    config = export_model(flag_values.model_dir, flag_values.export_dir, step=flag_values.step,
-                          overwrite=flag_values.overwrite, platforms=flag_values.platforms,
-                          gin_bindings=flag_values.gin_bindings)
-    print(f"{flag_values.export_dir}: step {config['step']} of {flag_values.model_dir}, "
-          f"{config['architecture']}, {config['projection_dim']}-d embeddings, platforms "
-          f"{', '.join(config['platforms'])}")
-
-
-def console_entry() -> None:
-    from absl import app  # pylint: disable=import-outside-toplevel
-    define_flags()
-    app.run(main)
-
-
-if __name__ == "__main__":
-    console_entry()

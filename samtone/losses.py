@@ -19,22 +19,17 @@ finite, even at t = 0.01 with cosine 1.0 and with all of a row's negatives dropp
 """
 from __future__ import annotations
 
+import dataclasses
 import numbers
 
 import jax
 import jax.numpy as jnp
 
+from samtone.normalize import l2_normalize
+
 Array = jax.Array
 
 HARDNESS_TARGETS = ("hard", "in_batch", "all")
-_NORM_EPSILON = 1e-12  # x / max(|x|, eps), as torch.nn.functional.normalize
-
-
-def l2_normalize(x: Array) -> Array:
-    """x / max(|x|, 1e-12) along the last axis, computed in float32 whatever x's dtype is."""
-    x = jnp.asarray(x, jnp.float32)
-    squared_norm = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
-    return x * jax.lax.rsqrt(jnp.maximum(squared_norm, _NORM_EPSILON**2))
 
 
 def _cosine(a: Array, b: Array) -> Array:
@@ -46,20 +41,31 @@ def _cosine(a: Array, b: Array) -> Array:
 # Softmax building blocks.
 
 
-def _negative_logits(cosine: Array, temperature, keep: Array, hardness=0.0) -> Array:
-    """s/t + hardness * stop_gradient(s) for the kept negatives, and -inf for the dropped ones."""
-    logits = cosine / temperature + hardness * jax.lax.stop_gradient(cosine)
-    return jnp.where(keep, logits, -jnp.inf)
-
-
 def _softmax_losses(positive_logits: Array, negative_logits: list[Array]) -> Array:
     """Per-row -log(e^pos / (e^pos + sum_c e^neg_c)) = logsumexp([pos, neg...]) - pos, [B]."""
     logits = jnp.concatenate([positive_logits[:, None], *negative_logits], axis=1)
     return jax.nn.logsumexp(logits, axis=1) - positive_logits
 
 
+def _negative_logits(cosine: Array, temperature, *, dropped: Array | None = None,
+                     bonus=0.0, exclude_diagonal: bool = True) -> Array:
+    """s/t + bonus * stop_gradient(s) per denominator term; -inf where a term is dropped.
+
+    `exclude_diagonal` drops [i, i]: in-batch matrices hold the positive (or the row's own
+    text) there, which is not a negative.
+    """
+    keep = jnp.ones(cosine.shape, bool)
+    if exclude_diagonal:
+        keep = ~jnp.eye(*cosine.shape, dtype=bool)
+    if dropped is not None:
+        keep = keep & ~dropped
+    logits = cosine / temperature + bonus * jax.lax.stop_gradient(cosine)
+    return jnp.where(keep, logits, -jnp.inf)
+
+
 # ---------------------------------------------------------------------------------------------
-# False negatives from ids.
+# Composable pieces around the formula: which terms are known positives (id masking), and
+# which get a hardness bonus.
 
 
 def _same_id(ids_a: Array, ids_b: Array) -> Array:
@@ -71,17 +77,70 @@ def _any_path(a: Array, b: Array) -> Array:
     return jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32)) > 0.5
 
 
-def _labelled_pairs(query_ids, passage_ids, batch_size: int) -> Array | None:
-    """R[i, j]: the batch pairs q_i's id with p_j's id (R = S_q S_p). None without ids."""
-    if query_ids is None and passage_ids is None:
-        return None
-    same_query = jnp.eye(batch_size, dtype=bool) if query_ids is None else _same_id(query_ids, query_ids)
-    same_passage = jnp.eye(batch_size, dtype=bool) if passage_ids is None else _same_id(passage_ids, passage_ids)
-    return _any_path(same_query, same_passage)
+@dataclasses.dataclass(frozen=True)
+class _KnownPositives:
+    """Denominator terms that are labelled pairs of the batch, hence dropped (None: none).
+
+    R[i, j] = "some example pairs q_i's id with p_j's id" = S_q S_p, with S the same-id
+    matrices. Every mask below derives from R (see samtone_loss's docstring).
+    """
+
+    pairs: Array | None  # [B, B]: R
+    hard: Array | None  # [B, B*K]: n_m is a passage labelled for q_i
+
+    @classmethod
+    def from_ids(cls, query_ids, passage_ids, negative_ids, batch_size: int) -> _KnownPositives:
+        if query_ids is None and passage_ids is None:
+            return cls(None, None)
+        eye = jnp.eye(batch_size, dtype=bool)
+        same_query = eye if query_ids is None else _same_id(query_ids, query_ids)
+        same_passage = eye if passage_ids is None else _same_id(passage_ids, passage_ids)
+        hard = (None if negative_ids is None
+                else _any_path(same_query, _same_id(passage_ids, negative_ids)))
+        return cls(_any_path(same_query, same_passage), hard)
+
+    @property
+    def query_passage(self):  # p_j in L_qp(i)
+        return self.pairs
+
+    @property
+    def passage_query(self):  # q_j in L_pq(i)
+        return None if self.pairs is None else self.pairs.T
+
+    @property
+    def query_query(self):  # q_i and q_j share a labelled passage
+        return None if self.pairs is None else _any_path(self.pairs, self.pairs.T)
+
+    @property
+    def passage_passage(self):  # p_i and p_j share a labelled query
+        return None if self.pairs is None else _any_path(self.pairs.T, self.pairs)
 
 
-def _kept(others: Array, dropped: Array | None) -> Array:
-    return others if dropped is None else others & ~dropped
+@dataclasses.dataclass(frozen=True)
+class _HardnessBonus:
+    """The detached bonus alpha * s each kind of negative gets (Lan et al. 2025)."""
+
+    own_hard: float = 0.0  # the negatives mined for example i, in row i
+    in_batch: float = 0.0  # the other examples' terms of the other tower and hard negatives
+    same_tower: float = 0.0  # q_j in L_qp(i), p_j in L_pq(i)
+
+    @classmethod
+    def of(cls, alpha: float, target: str) -> _HardnessBonus:
+        return cls(own_hard=alpha if target in ("hard", "all") else 0.0,
+                   in_batch=alpha if target in ("in_batch", "all") else 0.0,
+                   same_tower=alpha if target == "all" else 0.0)
+
+
+def _hard_negative_logits(q: Array, n: Array, per_example: int, temperature,
+                          known: _KnownPositives, bonus: _HardnessBonus) -> Array:
+    """Logits [B, B*K] of every query against every hard negative; own ones get own_hard."""
+    batch_size, num_negatives = q.shape[0], n.shape[0]
+    if num_negatives == 0:
+        return jnp.zeros((batch_size, 0), jnp.float32)
+    own = (jnp.arange(num_negatives) // per_example)[None, :] == jnp.arange(batch_size)[:, None]
+    return _negative_logits(_cosine(q, n), temperature, dropped=known.hard,
+                            bonus=jnp.where(own, bonus.own_hard, bonus.in_batch),
+                            exclude_diagonal=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,6 +171,13 @@ def _check_vector(ids, name: str, shape: tuple[int, ...]) -> Array | None:
     return ids.reshape(-1)
 
 
+def _check_hardness(alpha, target: str) -> None:
+    if target not in HARDNESS_TARGETS:
+        raise ValueError(f"hardness_target must be one of {HARDNESS_TARGETS}, got {target!r}")
+    if isinstance(alpha, numbers.Real) and alpha < 0:
+        raise ValueError(f"hardness_alpha must be >= 0, got {alpha}")
+
+
 def _check_temperature(temperature) -> None:
     if isinstance(temperature, numbers.Real) and not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -131,30 +197,6 @@ def _flatten_negatives(negatives, batch_size: int, dim: int) -> tuple[Array, int
         raise ValueError(f"negatives must be [B, K, D] or [B*K, D], got rank {len(shape)} shape {shape}")
     per_example = shape[1] if len(shape) == 3 else shape[0] // batch_size
     return jnp.reshape(negatives, (-1, dim)), per_example
-
-
-# ---------------------------------------------------------------------------------------------
-# Hard negatives.
-
-
-def _dropped_negatives(query_ids, passage_ids, negative_ids, batch_size: int) -> Array | None:
-    """[B, B*K]: n_m's id is a passage labelled for q_i, i.e. S_q [passage_ids == negative_ids]."""
-    if negative_ids is None:
-        return None
-    same_query = jnp.eye(batch_size, dtype=bool) if query_ids is None else _same_id(query_ids, query_ids)
-    return _any_path(same_query, _same_id(passage_ids, negative_ids))
-
-
-def _hard_negative_logits(q, n, per_example, temperature, *, dropped, alpha_own, alpha_others):
-    """Logits [B, B*K] of every query against every hard negative, own ones weighted apart."""
-    batch_size, num_negatives = q.shape[0], n.shape[0]
-    if num_negatives == 0:
-        return jnp.zeros((batch_size, 0), jnp.float32)
-    owner = jnp.arange(num_negatives) // per_example
-    own = owner[None, :] == jnp.arange(batch_size)[:, None]
-    hardness = jnp.where(own, alpha_own, alpha_others)
-    keep = jnp.ones_like(own) if dropped is None else ~dropped
-    return _negative_logits(_cosine(q, n), temperature, keep, hardness)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,10 +285,7 @@ def samtone_loss(
     """
     batch_size, dim = _check_embeddings(query, passage)
     _check_temperature(temperature)
-    if hardness_target not in HARDNESS_TARGETS:
-        raise ValueError(f"hardness_target must be one of {HARDNESS_TARGETS}, got {hardness_target!r}")
-    if isinstance(hardness_alpha, numbers.Real) and hardness_alpha < 0:
-        raise ValueError(f"hardness_alpha must be >= 0, got {hardness_alpha}")
+    _check_hardness(hardness_alpha, hardness_target)
     query_ids = _check_vector(query_ids, "query_ids", (batch_size,))
     passage_ids = _check_vector(passage_ids, "passage_ids", (batch_size,))
     if negative_ids is not None and (negatives is None or passage_ids is None):
@@ -255,39 +294,34 @@ def samtone_loss(
     if negatives is not None:
         negative_ids = _check_vector(negative_ids, "negative_ids", tuple(jnp.shape(negatives)[:-1]))
         negatives, per_example = _flatten_negatives(negatives, batch_size, dim)
-
-    # Who gets the hardness bonus: row i's own hard negatives, the other examples' terms of the
-    # other tower (p_j and their hard negatives in L_qp, q_j in L_pq), the same-tower terms.
-    alpha_own = hardness_alpha if hardness_target in ("hard", "all") else 0.0
-    alpha_cross = hardness_alpha if hardness_target in ("in_batch", "all") else 0.0
-    alpha_same = hardness_alpha if hardness_target == "all" else 0.0
+    known = _KnownPositives.from_ids(query_ids, passage_ids, negative_ids, batch_size)
+    bonus = _HardnessBonus.of(hardness_alpha, hardness_target)
 
     q, p = l2_normalize(query), l2_normalize(passage)
-    others = ~jnp.eye(batch_size, dtype=bool)
-    pairs = _labelled_pairs(query_ids, passage_ids, batch_size)  # None without ids
-    pairs_t = None if pairs is None else pairs.T
     s_qp = _cosine(q, p)
-    positive = jnp.diagonal(s_qp) / temperature
+    positive = jnp.diagonal(s_qp) / temperature  # s(q_i, p_i) / t
 
-    # Query -> passage: in-batch passages, hard negatives, other queries.
-    terms = [_negative_logits(s_qp, temperature, _kept(others, pairs), alpha_cross)]
+    # L_qp(i): sum_j e^{s(q_i,p_j)/t} + sum_m e^{s(q_i,n_m)/t} + [query_same_tower] sum_{j!=i} e^{s(q_i,q_j)/t}
+    denominator = [_negative_logits(s_qp, temperature, dropped=known.query_passage,
+                                    bonus=bonus.in_batch)]
     if negatives is not None:
-        dropped = _dropped_negatives(query_ids, passage_ids, negative_ids, batch_size)
-        terms.append(_hard_negative_logits(q, l2_normalize(negatives), per_example, temperature,
-                                           dropped=dropped, alpha_own=alpha_own, alpha_others=alpha_cross))
+        denominator.append(_hard_negative_logits(q, l2_normalize(negatives), per_example,
+                                                 temperature, known, bonus))
     if query_same_tower:
-        shares_passage = None if pairs is None else _any_path(pairs, pairs_t)
-        terms.append(_negative_logits(_cosine(q, q), temperature, _kept(others, shares_passage), alpha_same))
-    loss = jnp.mean(_softmax_losses(positive, terms))
+        denominator.append(_negative_logits(_cosine(q, q), temperature, dropped=known.query_query,
+                                            bonus=bonus.same_tower))
+    loss_qp = jnp.mean(_softmax_losses(positive, denominator))
     if not bidirectional:
-        return loss
+        return loss_qp
 
-    # Passage -> query: in-batch queries, other passages.
-    terms = [_negative_logits(s_qp.T, temperature, _kept(others, pairs_t), alpha_cross)]
+    # L_pq(i): sum_j e^{s(p_i,q_j)/t} + [passage_same_tower] sum_{j!=i} e^{s(p_i,p_j)/t}
+    denominator = [_negative_logits(s_qp.T, temperature, dropped=known.passage_query,
+                                    bonus=bonus.in_batch)]
     if passage_same_tower:
-        shares_query = None if pairs is None else _any_path(pairs_t, pairs)
-        terms.append(_negative_logits(_cosine(p, p), temperature, _kept(others, shares_query), alpha_same))
-    return 0.5 * (loss + jnp.mean(_softmax_losses(positive, terms)))
+        denominator.append(_negative_logits(_cosine(p, p), temperature,
+                                            dropped=known.passage_passage, bonus=bonus.same_tower))
+    loss_pq = jnp.mean(_softmax_losses(positive, denominator))
+    return 0.5 * (loss_qp + loss_pq)
 
 
 def in_batch_softmax_loss(
@@ -343,15 +377,14 @@ def pair_loss(
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     query_ids = _check_vector(query_ids, "query_ids", (batch_size,))
     passage_ids = _check_vector(passage_ids, "passage_ids", (batch_size,))
+    known = _KnownPositives.from_ids(query_ids, passage_ids, None, batch_size)
     q, p = l2_normalize(query), l2_normalize(passage)
-    others = ~jnp.eye(batch_size, dtype=bool)
-    pairs = _labelled_pairs(query_ids, passage_ids, batch_size)
-    shares_query = None if pairs is None else _any_path(pairs.T, pairs)
     s_qp = _cosine(q, p)
     positive = jnp.diagonal(s_qp) / temperature
-    query_centric = _softmax_losses(positive, [_negative_logits(s_qp, temperature, _kept(others, pairs))])
+    query_centric = _softmax_losses(
+        positive, [_negative_logits(s_qp, temperature, dropped=known.query_passage)])
     passage_centric = _softmax_losses(
-        positive, [_negative_logits(_cosine(p, p), temperature, _kept(others, shares_query))])
+        positive, [_negative_logits(_cosine(p, p), temperature, dropped=known.passage_passage)])
     return jnp.mean((1.0 - alpha) * query_centric + alpha * passage_centric)
 
 

@@ -34,8 +34,8 @@ from absl import logging
 
 from samtone import evaluate
 from samtone.data import files
-# Restoring a run's encoders lives in samtone.inference; re-exported for mine's callers.
-from samtone.inference import TrainedEncoders, load_trained_encoders  # noqa: F401
+from samtone.inference import Encoder
+from samtone.normalize import l2_normalize
 
 MAX_SCORES_IN_MEMORY = 1 << 26
 
@@ -56,8 +56,8 @@ def mine_hard_negatives(query_embeddings: np.ndarray, passage_embeddings: np.nda
     Returns:
       Nq lists of corpus indices, highest score first.
     """
-    queries = evaluate.normalize_rows(np.asarray(query_embeddings, np.float32))
-    passages = evaluate.normalize_rows(np.asarray(passage_embeddings, np.float32))
+    queries = l2_normalize(np.asarray(query_embeddings, np.float32))
+    passages = l2_normalize(np.asarray(passage_embeddings, np.float32))
     if queries.ndim != 2 or passages.ndim != 2 or queries.shape[1] != passages.shape[1]:
         raise ValueError(f"need [Nq, D] query and [Np, D] passage embeddings, got "
                          f"{queries.shape} and {passages.shape}")
@@ -120,10 +120,7 @@ def read_corpus(paths: files.PathOrPaths) -> list[str]:
         if path.endswith(".txt"):
             texts.extend(e.passage for e in files.read_sentences(path))
         elif path.endswith(".jsonl") and _is_beir_corpus(path):
-            with open(path, encoding="utf-8") as f:
-                for number, line in enumerate(f, start=1):
-                    if line.strip():
-                        texts.append(_beir_text(json.loads(line), path, number))
+            texts.extend(files.read_beir_texts(path).values())
         else:
             for example in files.read_examples(path):
                 texts.extend((example.passage, *example.negatives))
@@ -135,14 +132,6 @@ def _is_beir_corpus(path: str) -> bool:
         first = next((line for line in f if line.strip()), "{}")
     record = json.loads(first)
     return isinstance(record, dict) and "text" in record and "passage" not in record
-
-
-def _beir_text(record: dict, path: str, line: int) -> str:
-    text = record.get("text")
-    if not isinstance(text, str) or not text.strip():
-        raise files.DataError(path, line, "text", "is missing or empty")
-    title = (record.get("title") or "").strip()
-    return f"{title} {text}" if title else text
 
 
 @dataclasses.dataclass
@@ -157,7 +146,7 @@ def mine_training_file(model_dir: str, train_data: files.PathOrPaths, output: st
                        margin: float | None = None, corpus: files.PathOrPaths | None = None,
                        step: int | None = None, batch_size: int = 128,
                        block_size: int | None = None,
-                       encoders: TrainedEncoders | None = None) -> MiningStats:
+                       encoders: Encoder | None = None) -> MiningStats:
     """Writes `train_data`'s examples to `output` (JSONL) with k mined `negatives` each.
 
     The corpus is the training passages plus `corpus`'s passages, deduplicated by text. A
@@ -166,9 +155,7 @@ def mine_training_file(model_dir: str, train_data: files.PathOrPaths, output: st
     written (counted in the result), so the file feeds `num_negatives=k` as is.
     """
     examples = files.read_examples(train_data)
-    if not examples:
-        raise ValueError(f"no examples in {train_data}")
-    encoders = encoders or load_trained_encoders(model_dir, step=step, batch_size=batch_size)
+    encoders = encoders or Encoder.load(model_dir, step=step, batch_size=batch_size)
     passages = _unique([e.passage for e in examples] + (read_corpus(corpus) if corpus else []))
     passage_index = {text: i for i, text in enumerate(passages)}
     queries = _unique([e.query for e in examples])
@@ -210,48 +197,3 @@ def _record(example: files.Example, negatives: list[str]) -> dict:
         if value is not None:
             record[field] = value
     return record
-
-
-# --- command line --------------------------------------------------------------------------
-
-
-def define_flags() -> None:
-    from absl import flags  # pylint: disable=import-outside-toplevel
-    flags.DEFINE_string("model_dir", None, "MODEL_DIR of a samtone-train run (config.gin and "
-                        "checkpoints/).", required=True)
-    flags.DEFINE_list("train_data", None, "Training pairs (JSONL/TSV/BEIR folder, globs) to "
-                      "mine negatives for.", required=True)
-    flags.DEFINE_string("output", None, "JSONL file to write.", required=True)
-    flags.DEFINE_integer("k", None, "Negatives per example.", required=True, lower_bound=1)
-    flags.DEFINE_list("corpus", None, "Extra passages to mine from (.txt one per line, BEIR "
-                      "corpus.jsonl, or training files); the training passages always count.")
-    flags.DEFINE_float("margin", None, "Drop candidates scoring above the weakest positive's "
-                       "score minus this (likely false negatives); unset: no such filter.")
-    flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the newest).")
-    flags.DEFINE_integer("batch_size", 128, "Texts encoded at once (a multiple of the data "
-                         "axis).")
-    flags.DEFINE_integer("block_size", None, "Queries scored at once (default: ~2^26 scores).")
-
-
-def main(argv: Sequence[str]) -> None:
-    from absl import flags  # pylint: disable=import-outside-toplevel
-    if len(argv) > 1:
-        raise SystemExit(f"unexpected arguments {argv[1:]}")
-    flag_values = flags.FLAGS
-    stats = mine_training_file(
-        flag_values.model_dir, flag_values.train_data, flag_values.output, k=flag_values.k,
-        margin=flag_values.margin, corpus=flag_values.corpus, step=flag_values.step,
-        batch_size=flag_values.batch_size, block_size=flag_values.block_size)
-    print(f"{flag_values.output}: {stats.written} of {stats.examples} examples with "
-          f"{flag_values.k} negatives each ({stats.dropped} dropped), corpus of "
-          f"{stats.corpus_size} passages")
-
-
-def console_entry() -> None:
-    from absl import app  # pylint: disable=import-outside-toplevel
-    define_flags()
-    app.run(main)
-
-
-if __name__ == "__main__":
-    console_entry()

@@ -26,6 +26,8 @@ from absl import logging
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from samtone.errors import ConfigError
+
 LogicalRules = tuple[tuple[str, Any], ...]
 
 # Logical names that stay replicated in every table; listed so each table names every axis
@@ -87,7 +89,7 @@ _RULES_BY_NAME = {
 def logical_axis_rules(name: str) -> LogicalRules:
     """The rule table called `name`: "data", "data_model", "fsdp" or "fsdp_model"."""
     if name not in _RULES_BY_NAME:
-        raise ValueError(f"logical_axis_rules.name={name!r} is not a rule table; valid names: "
+        raise ConfigError(f"logical_axis_rules.name={name!r} is not a rule table; valid names: "
                          f"{', '.join(repr(n) for n in _RULES_BY_NAME)}")
     return _RULES_BY_NAME[name]
 
@@ -102,7 +104,7 @@ def make_mesh(mesh_shape: Sequence[int] = (-1, 1), axis_names: Sequence[str] = (
     devices = list(jax.devices() if devices is None else devices)
     shape = _resolve_mesh_shape(tuple(mesh_shape), len(devices))
     if len(shape) != len(axis_names):
-        raise ValueError(f"make_mesh.mesh_shape={tuple(mesh_shape)} has {len(shape)} axes but "
+        raise ConfigError(f"make_mesh.mesh_shape={tuple(mesh_shape)} has {len(shape)} axes but "
                          f"make_mesh.axis_names={tuple(axis_names)} names {len(axis_names)}")
     try:
         device_array = mesh_utils.create_device_mesh(shape, devices=devices,
@@ -119,16 +121,16 @@ def make_mesh(mesh_shape: Sequence[int] = (-1, 1), axis_names: Sequence[str] = (
 def _resolve_mesh_shape(mesh_shape: tuple[int, ...], num_devices: int) -> tuple[int, ...]:
     unknown = [i for i, size in enumerate(mesh_shape) if size == -1]
     if len(unknown) > 1 or any(size == 0 or size < -1 for size in mesh_shape):
-        raise ValueError(f"make_mesh.mesh_shape={mesh_shape}: sizes must be positive, with at "
+        raise ConfigError(f"make_mesh.mesh_shape={mesh_shape}: sizes must be positive, with at "
                          "most one -1 (all remaining devices)")
     known = math.prod(size for size in mesh_shape if size != -1)
     if unknown:
         if num_devices % known:
-            raise ValueError(f"make_mesh.mesh_shape={mesh_shape}: {num_devices} devices do not "
+            raise ConfigError(f"make_mesh.mesh_shape={mesh_shape}: {num_devices} devices do not "
                              f"split into groups of {known}")
         mesh_shape = tuple(num_devices // known if size == -1 else size for size in mesh_shape)
     if math.prod(mesh_shape) != num_devices:
-        raise ValueError(f"make_mesh.mesh_shape={mesh_shape} needs {math.prod(mesh_shape)} "
+        raise ConfigError(f"make_mesh.mesh_shape={mesh_shape} needs {math.prod(mesh_shape)} "
                          f"devices, found {num_devices}")
     return mesh_shape
 
@@ -143,6 +145,22 @@ def axis_rules(mesh: Mesh, rules: LogicalRules):
     """
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
         yield
+
+
+def params_initializer(model: nn.Module, mesh: Mesh, rules: LogicalRules,
+                       input_shapes: Sequence[tuple[int, ...]], rng: jax.Array) -> Any:
+    """() -> `model`'s boxed parameters, initialised from `rng` under the rules.
+
+    The inputs are int32 zeros of `input_shapes`. Trace it with `jax.eval_shape` for shapes
+    and logical axes, or run it under `jax.jit(out_shardings=...)` so each device only ever
+    holds its own shards.
+    """
+    def init():
+        with axis_rules(mesh, rules):
+            inputs = [jax.numpy.zeros(shape, jax.numpy.int32) for shape in input_shapes]
+            return model.init({"params": rng}, *inputs)["params"]
+
+    return init
 
 
 def logical_specs(abstract_boxed_tree: Any) -> Any:

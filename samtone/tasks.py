@@ -45,7 +45,6 @@ from __future__ import annotations
 import functools
 from typing import Callable, Sequence
 
-import gin
 import seqio
 import tensorflow as tf
 
@@ -285,9 +284,3 @@ def register_tfds_tasks(vocabulary_path: str = DEFAULT_VOCABULARY_PATH) -> list[
 
 
 register_tfds_tasks()
-
-# This opt-in module registers its own Gin names: samtone.gin_config must not import
-# TensorFlow, so a Gin file that wants seqio data says `import samtone.tasks`.
-gin.external_configurable(make_seqio_batch_iterator, name="make_seqio_batch_iterator")
-gin.external_configurable(tfds_task, name="tfds_task")
-gin.external_configurable(add_tfds_retrieval_task, name="add_tfds_retrieval_task")

@@ -13,8 +13,7 @@ batch is one global array, so the loss sees every query and passage of the globa
 from __future__ import annotations
 
 import functools
-import inspect
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax
 import flax.linen as nn
@@ -27,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from samtone import losses
 from samtone import optimizers
 from samtone import partitioning
+from samtone.errors import ConfigError
 from samtone.models import t5
 
 LossFn = Callable[[dict, dict], jax.Array]
@@ -60,15 +60,8 @@ def _seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
 def _init_fn(model: nn.Module, example_batch: dict, seed: int, mesh: Mesh, rules) -> Callable:
     """() -> boxed params of `model`, from `seed`; to be traced (eval_shape or jit)."""
     batch = _abstract_batch(example_batch)
-
-    def init():
-        with partitioning.axis_rules(mesh, rules):
-            params_rng, _ = _seed_keys(seed)
-            query = jnp.zeros(batch["query_tokens"].shape, jnp.int32)
-            passage = jnp.zeros(batch["passage_tokens"].shape, jnp.int32)
-            return model.init({"params": params_rng}, query, passage, deterministic=True)["params"]
-
-    return init
+    shapes = (batch["query_tokens"].shape, batch["passage_tokens"].shape)
+    return partitioning.params_initializer(model, mesh, rules, shapes, _seed_keys(seed)[0])
 
 
 def train_state_shardings(model: nn.Module, optimizer: optax.GradientTransformation,
@@ -78,6 +71,7 @@ def train_state_shardings(model: nn.Module, optimizer: optax.GradientTransformat
     boxed = jax.eval_shape(_init_fn(model, example_batch, seed, mesh, rules))
     param_specs = partitioning.logical_specs(boxed)
     params = nn.unbox(boxed)
+    optimizers.set_logical_axes(optimizer, param_specs)  # Adafactor: per-layer statistics
     opt_state = jax.eval_shape(optimizer.init, params)
     specs = TrainState(
         step=PartitionSpec(), params=param_specs,
@@ -191,49 +185,48 @@ def _align_layout(given, abstract, where: str):
 # ---------------------------------------------------------------------------------------------
 # The loss adapter.
 
-# Inputs a loss may take besides the two [B, D] embeddings, and where they come from.
-_OPTIONAL_INPUTS: dict[str, Callable[[dict, dict], Any]] = {
+# The batch fields a loss may receive besides the two [B, D] embeddings, and where they come
+# from. A run declares which ones its loss takes next to the loss (gin/losses/*.gin:
+# `train.loss_inputs`): explicit, so a reader of the config sees every input of the loss, and
+# a loss never silently misses an input it was meant to get.
+LOSS_INPUTS: dict[str, Callable[[dict, dict], Any]] = {
     "negatives": lambda outputs, batch: outputs.get("negatives"),
     "query_ids": lambda outputs, batch: batch.get("query_ids"),
     "passage_ids": lambda outputs, batch: batch.get("passage_ids"),
     "negative_ids": lambda outputs, batch: batch.get("negative_ids"),
     "labels": lambda outputs, batch: batch.get("labels"),
 }
+_FLOAT_INPUTS = ("negatives", "labels")
 
 
-def make_loss_fn(loss: Callable[..., jax.Array]) -> LossFn:
-    """Adapts a pure loss of (query, passage, ...) to (model outputs, batch) -> float32 scalar.
+def make_loss_fn(loss: Callable[..., jax.Array], inputs: Sequence[str] = ()) -> LossFn:
+    """Adapts a pure loss of (query, passage, **inputs) to (model outputs, batch) -> scalar.
 
-    The loss's signature is read once, here: it gets `negatives`, `query_ids`,
-    `passage_ids`, `negative_ids` and `labels` only if it has a parameter of that name (or
-    **kwargs) and the outputs or batch hold them. A parameter without a default (CoSENT's
-    `labels`) that the batch lacks is an error at trace time.
+    `inputs` names the fields of LOSS_INPUTS the loss receives as keyword arguments. One the
+    batch lacks is left out, so the loss's default applies (hard negatives exist only when the
+    data has them); `labels` is required (CoSENT has no default for it).
     """
-    try:
-        parameters = inspect.signature(loss).parameters
-    except (TypeError, ValueError) as error:
-        raise TypeError(f"make_loss_fn: cannot read the signature of {loss!r}: {error}") from error
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    accepted = [name for name in _OPTIONAL_INPUTS if takes_any or (
-        name in parameters and parameters[name].kind in (
-            inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY))]
-    required = [name for name in accepted
-                if name in parameters and parameters[name].default is inspect.Parameter.empty]
-    loss_name = getattr(loss, "__name__", repr(loss))
+    unknown = sorted(set(inputs) - set(LOSS_INPUTS))
+    if unknown:
+        raise ConfigError(f"train.loss_inputs: unknown inputs {unknown}; a loss can receive "
+                          f"{sorted(LOSS_INPUTS)}")
+    loss_name = getattr(loss, "__name__", getattr(getattr(loss, "func", None), "__name__",
+                                                   repr(loss)))
 
     def loss_fn(outputs: dict, batch: dict) -> jax.Array:
-        inputs = {}
-        for name in accepted:
-            value = _OPTIONAL_INPUTS[name](outputs, batch)
+        given = {}
+        for name in inputs:
+            value = LOSS_INPUTS[name](outputs, batch)
             if value is None:
-                if name in required:
-                    raise ValueError(f"{loss_name} needs '{name}', which the batch does not have "
-                                     f"(batch keys: {sorted(batch)})")
+                if name == "labels":
+                    raise ConfigError(f"{loss_name} needs 'labels', which the batch does not "
+                                      f"have (batch keys: {sorted(batch)}): give the data a "
+                                      "`label` per example")
                 continue
-            inputs[name] = value.astype(jnp.float32) if name in ("negatives", "labels") else value
+            given[name] = value.astype(jnp.float32) if name in _FLOAT_INPUTS else value
         query = outputs["query"].astype(jnp.float32)
         passage = outputs["passage"].astype(jnp.float32)
-        return jnp.asarray(loss(query, passage, **inputs), jnp.float32)
+        return jnp.asarray(loss(query, passage, **given), jnp.float32)
 
     loss_fn.__name__ = f"loss_fn_of_{loss_name}"
     return loss_fn

@@ -8,7 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from samtone.models.dual_encoder import DualEncoder, init_from_encoder, l2_normalize
+from samtone import optimizers
+from samtone import partitioning
+from samtone import train_step
+from samtone.models.dual_encoder import DualEncoder, tower_params
+from samtone.normalize import l2_normalize
 from samtone.models.t5 import T5Encoder, t5_1_1_config, unstack_layer_params
 
 CONFIG = t5_1_1_config("tiny", num_layers=1, dropout_rate=0.0)  # one layer: compiles fast
@@ -91,7 +95,7 @@ def test_towers_share_what_the_architecture_says(architecture):
     del towers_differ["layers_0"]["pre_mlp_layer_norm"]  # norm scales start at one in both towers
     assert all(jax.tree.leaves(towers_differ))
     # Give both towers the same weights: only the projection then tells queries from passages.
-    shared = init_from_encoder(params, params["query_encoder"])
+    shared = {**params, "passage_encoder": params["query_encoder"]}
     same_towers = apply(model, shared, PASSAGES, PASSAGES)
     if architecture == "ade_spl":
         np.testing.assert_allclose(same_towers["query"], same_towers["passage"], atol=1e-6)
@@ -139,24 +143,31 @@ def test_unknown_architecture_names_valid_ones():
 
 
 @pytest.mark.parametrize("architecture,scan_layers", [("ade", False), ("sde", True)])
-def test_init_from_encoder_fills_every_tower(architecture, scan_layers):
+def test_pretrained_encoder_fills_every_tower(architecture, scan_layers):
+    """tower_params + init_train_state: the one path from a pretrained encoder to the towers."""
     config = dataclasses.replace(CONFIG, scan_layers=scan_layers)
-    model, params = model_and_params(architecture, config)
+    model = DualEncoder(config, architecture=architecture, projection_dim=PROJECTION_DIM)
     # A pretrained tree as the importers give it: plain numpy, one subtree per layer.
     unscanned = dataclasses.replace(config, scan_layers=False)
     pretrained = jax.tree.map(np.asarray, nn.unbox(jax.jit(T5Encoder(unscanned).init)(jax.random.key(7), QUERIES)["params"]))
-    loaded = init_from_encoder({"params": params}, pretrained)["params"]
+    mesh = partitioning.make_mesh((1, 1), devices=jax.devices()[:1])
+    rules = partitioning.logical_axis_rules("data")
+    optimizer = optimizers.make_optimizer(total_steps=10)
+    batch = {"query_tokens": QUERIES, "passage_tokens": PASSAGES}
+    loaded, _ = train_step.init_train_state(model, optimizer, batch, mesh, rules, seed=3,
+                                            init_params=tower_params(pretrained, architecture))
+    fresh, _ = train_step.init_train_state(model, optimizer, batch, mesh, rules, seed=3)
 
-    assert set(loaded) == TREE_KEYS[architecture]
-    for name in loaded:
+    assert set(loaded.params) == TREE_KEYS[architecture]
+    for name, value in loaded.params.items():
         if name.endswith("encoder"):
-            # Boxing (logical axes) survives, so the filled tree still shards.
-            assert isinstance(loaded[name]["token_embedder"]["embedding"], nn.Partitioned)
-            jax.tree.map(np.testing.assert_array_equal, unstack_layer_params(loaded[name]), pretrained)
-        else:
-            jax.tree.map(np.testing.assert_array_equal, nn.unbox(loaded[name]), nn.unbox(params[name]))
-    assert np.isfinite(apply(model, loaded, QUERIES, PASSAGES)["query"]).all()  # usable as is
+            tower = unstack_layer_params(value) if scan_layers else value
+            jax.tree.map(np.testing.assert_array_equal, jax.device_get(tower), pretrained)
+        else:  # the projection starts from the same random init as without a checkpoint
+            jax.tree.map(np.testing.assert_array_equal, value, fresh.params[name])
+    assert np.isfinite(apply(model, loaded.params, QUERIES, PASSAGES)["query"]).all()
 
-    with pytest.raises(ValueError, match="token_embedder/embedding"):
+    with pytest.raises(ValueError, match="token_embedder.*embedding"):
         bad = {**pretrained, "token_embedder": {"embedding": np.zeros((3, 3), np.float32)}}
-        init_from_encoder(params, bad)
+        train_step.init_train_state(model, optimizer, batch, mesh, rules,
+                                    init_params=tower_params(bad, architecture))

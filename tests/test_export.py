@@ -13,7 +13,7 @@ import pytest
 import safetensors.numpy
 from flax import traverse_util
 
-from samtone import export, inference
+from samtone import export, inference, run_manifest
 from samtone.checkpoints.manager import read_checkpoint
 from samtone.data import smoke_path
 from samtone.data.tokenizer import Tokenizer
@@ -55,7 +55,7 @@ def test_config_and_files(export_dir):
         64, QUERY_LENGTH, PASSAGE_LENGTH)
     assert config["platforms"] == ["cpu", "cuda", "tpu"]
     assert config["samtone_version"] and config["format_version"] == 1
-    assert export.config_from_json(config["t5_config"]) == smoke_model().config  # unscanned
+    assert run_manifest.config_from_json(config["t5_config"]) == smoke_model().config  # unscanned
     assert (export_dir / "spm.model").read_bytes() == open(smoke_path("spm.model"), "rb").read()
     assert oct(os.stat(export_dir / "params.safetensors").st_mode & 0o777) == oct(
         os.stat(export_dir / "config.json").st_mode & 0o777)
@@ -78,7 +78,7 @@ def test_params_are_the_checkpoint_in_the_unscanned_layout(scanned_run, export_d
 
 def test_load_exported_gives_the_trained_models_embeddings(scanned_run, export_dir):
     queries, passages = smoke_texts(13)
-    trained = inference.load_trained_encoders(str(scanned_run), batch_size=8)
+    trained = inference.Encoder.load(str(scanned_run), batch_size=8)
     exported = inference.load_exported(export_dir, batch_size=5)
     assert exported.step == 2
     np.testing.assert_allclose(exported.encode_queries(queries), trained.encode_queries(queries),
@@ -187,7 +187,7 @@ def test_overwrite_is_refused_unless_asked(scanned_run, export_dir, tmp_path):
 
 
 def test_errors_name_the_model_dir_and_the_missing_file(scanned_run, tmp_path):
-    with pytest.raises(FileNotFoundError, match=f"{tmp_path}/config.gin not found"):
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}/model.json not found"):
         export.export_model(tmp_path, tmp_path / "out")
     with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 7 in .*checkpoints; "
                                                 r"it has steps \[1, 2\]"):
@@ -203,7 +203,7 @@ def test_errors_name_the_model_dir_and_the_missing_file(scanned_run, tmp_path):
 
 def test_command_line(scanned_run, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "samtone.export", f"--model_dir={scanned_run}",
+        [sys.executable, "-m", "samtone.cli.export", f"--model_dir={scanned_run}",
          f"--export_dir={tmp_path / 'cli'}", "--step=1", "--platforms=cpu"],
         cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
         env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})

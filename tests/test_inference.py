@@ -1,5 +1,8 @@
 """samtone.inference: a trained run's encoders against DualEncoder.apply on the checkpoint's
-parameters, checkpoint steps, fixed-shape batching, and errors that name the problem."""
+parameters, checkpoint steps, fixed-shape batching, serving without Gin or the optimisers, and
+errors that name the problem."""
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -21,7 +24,7 @@ def run(tmp_path_factory):
 def test_encodings_equal_the_model_applied_to_the_checkpoint(run, step):
     queries, passages = smoke_texts()
     # 8 fake devices here: the batch is split over them as in training.
-    encoders = inference.load_trained_encoders(str(run), step=step, batch_size=8)
+    encoders = inference.Encoder.load(str(run), step=step, batch_size=8)
     state, _, restored_step = read_checkpoint(run / "checkpoints", step=step)
     assert encoders.step == restored_step == (step or 2)
     assert (encoders.query_length, encoders.passage_length) == (QUERY_LENGTH, PASSAGE_LENGTH)
@@ -39,14 +42,14 @@ def test_encodings_equal_the_model_applied_to_the_checkpoint(run, step):
 
 def test_steps_are_different_checkpoints(run):
     queries, _ = smoke_texts(4)
-    first = inference.load_trained_encoders(str(run), step=1, batch_size=8)
-    last = inference.load_trained_encoders(str(run), batch_size=8)
+    first = inference.Encoder.load(str(run), step=1, batch_size=8)
+    last = inference.Encoder.load(str(run), batch_size=8)
     assert np.abs(first.encode_queries(queries) - last.encode_queries(queries)).max() > 1e-4
 
 
 def test_texts_go_through_in_batches_of_one_shape(run):
     queries, passages = smoke_texts(11)
-    encoders = inference.load_trained_encoders(str(run), batch_size=8)
+    encoders = inference.Encoder.load(str(run), batch_size=8)
     all_at_once = encoders.encode_passages(passages)
 
     shapes = []
@@ -66,12 +69,31 @@ def test_texts_go_through_in_batches_of_one_shape(run):
 
 
 def test_errors_name_the_problem(run, tmp_path):
-    with pytest.raises(FileNotFoundError, match=f"{tmp_path}/config.gin not found"):
-        inference.load_trained_encoders(str(tmp_path))
-    encoders = inference.load_trained_encoders(str(run), batch_size=8)
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}/model.json not found"):
+        inference.Encoder.load(str(tmp_path))
+    encoders = inference.Encoder.load(str(run), batch_size=8)
     with pytest.raises(TypeError, match="a list of texts"):
         encoders.encode_queries("one string")
     with pytest.raises(ValueError, match="divisible by the 8 devices"):
-        inference.load_trained_encoders(str(run), batch_size=12)
+        inference.Encoder.load(str(run), batch_size=12)
     with pytest.raises(FileNotFoundError, match="missing config.json, params.safetensors"):
         inference.load_exported(tmp_path)
+
+
+_SERVING_ONLY = """
+import sys
+from samtone import inference
+encoder = inference.Encoder.load(sys.argv[1], batch_size=8)
+print(encoder.encode_queries(["what is samtone?"]).shape)
+loaded = sorted(m for m in sys.modules if m == "gin" or m.startswith(("gin.", "samtone.optimizers",
+                "samtone.cli", "samtone.train")))
+print("loaded:", loaded)
+"""
+
+
+def test_serving_loads_neither_gin_nor_the_optimisers(run):
+    result = subprocess.run([sys.executable, "-c", _SERVING_ONLY, str(run)], capture_output=True,
+                            text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(1, 64)" in result.stdout
+    assert "loaded: []" in result.stdout, result.stdout

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from samtone import mine
+from samtone import inference, mine
 from samtone.data import files, pipeline, smoke_path
 from samtone.data.tokenizer import Tokenizer
 
@@ -111,7 +111,7 @@ def angle_encoder(tokens):
 
 
 def _fixed_encoders():
-    return mine.TrainedEncoders(angle_encoder, angle_encoder, AngleTokenizer(), 4, 4, step=0)
+    return inference.Encoder(angle_encoder, angle_encoder, AngleTokenizer(), 4, 4, step=0)
 
 
 def test_training_file_round_trip(tmp_path):
@@ -180,7 +180,7 @@ def _run(*args):
 
 
 def _train(model_dir, train_data, *bindings):
-    return _run("-m", "samtone.train", "--gin_file=configs/smoke.gin",
+    return _run("-m", "samtone.cli.train", "--gin_file=configs/smoke.gin",
                 f"--gin.MODEL_DIR='{model_dir}'", f"--gin.TRAIN_DATA='{train_data}'",
                 "--gin.EVAL_DATA=None", "--gin.TRAIN_STEPS=2", "--gin.BATCH_SIZE=8",
                 "--gin.QUERY_LENGTH=16", "--gin.PASSAGE_LENGTH=32", *bindings)
@@ -194,7 +194,7 @@ def test_train_mine_train(tmp_path):
     _train(tmp_path / "run", train_file)
 
     output = tmp_path / "mined.jsonl"
-    result = _run("-m", "samtone.mine", f"--model_dir={tmp_path / 'run'}",
+    result = _run("-m", "samtone.cli.mine", f"--model_dir={tmp_path / 'run'}",
                   f"--train_data={train_file}", f"--output={output}", "--k=3", "--batch_size=16")
     assert "48 of 48 examples with 3 negatives" in result.stdout
     mined = files.read_examples(str(output))

@@ -50,7 +50,7 @@ def _run(command, env, what):
 
 def test_two_processes_reach_the_single_process_params(tmp_path):
     one_dir, two_dir = tmp_path / "one", tmp_path / "two"
-    single = _run([sys.executable, "-m", "samtone.train", f"--gin_file={_ARGS[0]}", *_ARGS[1:],
+    single = _run([sys.executable, "-m", "samtone.cli.train", f"--gin_file={_ARGS[0]}", *_ARGS[1:],
                    f"--gin.MODEL_DIR='{one_dir}'"], _env(4), "the single-process run")
     double = _run(["bash", str(REPO / "launch" / "local_multiprocess.sh"), "2", *_ARGS,
                    f"--gin.MODEL_DIR='{two_dir}'"], _env(2), "the two-process run")
@@ -58,8 +58,8 @@ def test_two_processes_reach_the_single_process_params(tmp_path):
     assert "joined distributed job: process 0 of 2" in double.stderr
     # Logs and the printed evaluation come from process 0 only.
     assert double.stderr.count("step 6/6 | loss") == 1
-    assert double.stdout.count("eval at step 6") == 1
-    assert single.stdout.count("eval at step 6") == 1
+    assert double.stdout.count("samtone-train: step 6/6") == 1  # the summary, once
+    assert single.stdout.count("samtone-train: step 6/6") == 1
 
     state_one, data_one, step_one = read_checkpoint(one_dir / "checkpoints")
     state_two, data_two, step_two = read_checkpoint(two_dir / "checkpoints")

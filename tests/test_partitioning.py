@@ -198,7 +198,9 @@ def test_base_size_train_step_compiles_ahead_of_time_on_8_devices():
     abstract_state, state_shardings = train_step_lib.train_state_shardings(
         model, optimizer, batch, mesh, rules)
     step = train_step_lib.make_train_step(
-        model, optimizer, train_step_lib.make_loss_fn(losses.samtone_loss), state_shardings,
+        model, optimizer, train_step_lib.make_loss_fn(
+            losses.samtone_loss, ("negatives", "query_ids", "passage_ids", "negative_ids")),
+        state_shardings,
         partitioning.batch_shardings(batch, mesh, rules), mesh, rules)
     compiled = step.lower(abstract_state, batch).compile()
     memory = compiled.memory_analysis()

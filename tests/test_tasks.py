@@ -117,6 +117,7 @@ def test_trivia_qa_evidence_paragraph():
 
 def test_gin_registers_a_task_with_the_run_vocabulary(spm_path):
     import gin  # pylint: disable=import-outside-toplevel
+    from samtone.cli import gin_registry  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
     gin.clear_config()
     try:
         gin.parse_config([

@@ -1,4 +1,4 @@
-"""samtone.train and samtone.gin_config: the loop, resume, preemption, non-finite losses, CLI."""
+"""samtone.train and samtone.cli (train): the loop, resume, preemption, non-finite losses, Gin."""
 import functools
 import glob
 import os
@@ -14,12 +14,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from samtone import gin_config
+from samtone.cli import gin_parsing
+from samtone.cli import gin_registry  # noqa: F401  (registers the Gin names)
 from samtone import losses
 from samtone import optimizers
 from samtone import partitioning
 from samtone import train as train_lib
 from samtone import train_step as train_step_lib
+from samtone.preemption import PREEMPTED_EXIT_CODE
 from samtone.checkpoints.manager import read_checkpoint
 from samtone.data import pipeline
 from samtone.data import smoke_path
@@ -154,7 +156,7 @@ def clean_gin():
 def test_every_config_parses_and_builds(config, clean_gin, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # includes must resolve from anywhere
     bindings = [] if config.name == "smoke.gin" else _REQUIRED
-    gin_config.parse([f"configs/{config.name}"], bindings)
+    gin_parsing.parse([f"configs/{config.name}"], bindings)
     model = gin.get_configurable("dual_encoder")()
     mesh = gin.get_configurable("make_mesh")()
     rules = gin.get_configurable("logical_axis_rules")()
@@ -167,40 +169,56 @@ def test_every_config_parses_and_builds(config, clean_gin, monkeypatch, tmp_path
     assert callable(loss)
 
 
+# T5.1.1 encoder sizes as published (d_model, layers, heads, d_ff), google-research/text-to-text-
+# transfer-transformer released_checkpoints.md.
+_T5_1_1_SIZES = {"base": (768, 12, 12, 2048), "large": (1024, 24, 16, 2816),
+                 "xxl": (4096, 24, 64, 10240)}
+
+
 @pytest.mark.parametrize("size", ["base", "large", "xxl"])
 def test_paper_recipe(size, clean_gin):
-    gin_config.parse([f"configs/paper_{size}_ade_spl_samtone.gin"], _REQUIRED)
-    query = gin.query_parameter
-    assert query("dual_encoder.architecture") == "ade_spl"
-    assert query("t5_1_1_config.size") == size
-    assert query("train.loss").selector == "losses.samtone_loss"
-    assert query("losses.samtone_loss.temperature") == 0.01
-    assert query("losses.samtone_loss.query_same_tower") is True
-    assert query("losses.samtone_loss.passage_same_tower") is False
-    assert query("losses.samtone_loss.bidirectional") is True
-    assert train_lib._evaluated(query("train.global_batch_size")) == 512
-    assert train_lib._evaluated(query("train.num_train_steps")) == 20000
-    assert query("make_optimizer.optimizer") == "adafactor"
-    assert query("make_optimizer.learning_rate") == 1e-3
-    assert query("make_optimizer.schedule") == "linear"
-    assert train_lib._evaluated(query("train.init_checkpoint")) == "/models/t5"
+    """What the configured objects compute equals the paper's recipe, computed independently."""
+    from test_losses import reference_samtone  # pylint: disable=import-outside-toplevel
+    gin_parsing.parse([f"configs/paper_{size}_ade_spl_samtone.gin"], _REQUIRED)
+    model = gin.get_configurable("dual_encoder")()
+    config = model.config
+    assert (config.d_model, config.num_layers, config.num_heads, config.d_ff) == _T5_1_1_SIZES[size]
+    assert (model.architecture, model.projection_dim) == ("ade_spl", 768)
+    # The loss: SamToNe, query side, bidirectional, t = 0.01, against numpy.
+    rng = np.random.default_rng(0)
+    query, passage = rng.normal(size=(2, 6, 8)).astype(np.float32)
+    loss = gin_parsing.setting("train.loss")
+    expected = reference_samtone(query, passage, temperature=0.01, query_same_tower=True,
+                                 passage_same_tower=False, bidirectional=True)
+    np.testing.assert_allclose(loss(query, passage), expected, rtol=1e-5)
+    # Global batch 512 for 20k steps; Adafactor whose rate falls linearly from 1e-3 to 0.
+    assert gin_parsing.setting("train.global_batch_size") == 512
+    total = gin_parsing.setting("train.num_train_steps")
+    assert total == 20000
+    optimizer = gin.get_configurable("make_optimizer")(total_steps=total)
+    params = {"w": jnp.ones((4, 4))}
+    state = optimizer.init(params)
+    rates = []
+    for _ in range(3):
+        _, state = optimizer.update({"w": jnp.full((4, 4), 0.1)}, state, params)
+        rates.append(float(optimizers.current_learning_rate(state)))
+    np.testing.assert_allclose(rates, [1e-3 * (1 - k / total) for k in range(3)], rtol=1e-6)
+    assert gin_parsing.setting("train.init_checkpoint") == "/models/t5"
     if size == "xxl":
-        assert query("t5_1_1_config.scan_layers") is True
-        assert query("t5_1_1_config.remat_policy") != "none"
-        assert query("logical_axis_rules.name") == "fsdp_model"
+        assert config.scan_layers and config.remat_policy != "none"
 
 
 def test_gin_errors_name_the_file_and_binding(tmp_path, clean_gin):
     bad = tmp_path / "bad.gin"
     bad.write_text("include 'gin/models/t5_1_1_tiny.gin'\ntrain.no_such_parameter = 3\n")
     with pytest.raises(ValueError, match="no_such_parameter") as error:
-        gin_config.parse([str(bad)])
+        gin_parsing.parse([str(bad)])
     assert str(bad) in str(error.value)
 
 
 def test_missing_required_macro_is_reported(clean_gin):
     with pytest.raises(ValueError, match="TRAIN_DATA.*gin.REQUIRED"):
-        gin_config.parse(["configs/paper_base_ade_spl_samtone.gin"],
+        gin_parsing.parse(["configs/paper_base_ade_spl_samtone.gin"],
                          [b for b in _REQUIRED if not b.startswith("TRAIN_DATA")])
 
 
@@ -209,26 +227,26 @@ def test_search_paths_find_user_files_and_samtone_includes(tmp_path, monkeypatch
     (tmp_path / "mine" / "run.gin").write_text("include 'configs/smoke.gin'\nBATCH_SIZE = 8\n")
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
-    gin_config.parse(["run.gin"], ["TRAIN_STEPS = 3"], extra_search_paths=[str(tmp_path / "mine")])
-    assert train_lib._evaluated(gin.query_parameter("train.global_batch_size")) == 8
-    assert train_lib._evaluated(gin.query_parameter("train.num_train_steps")) == 3
+    gin_parsing.parse(["run.gin"], ["TRAIN_STEPS = 3"], extra_search_paths=[str(tmp_path / "mine")])
+    assert gin_parsing.setting(("train.global_batch_size")) == 8
+    assert gin_parsing.setting(("train.num_train_steps")) == 3
     assert gin.query_parameter("dual_encoder.architecture") == "ade_spl"
 
 
 def test_gin_flag_shorthand():
-    assert gin_config.rewrite_gin_args(["x", "--gin.MODEL_DIR='/a=b'", "--gin_file=c.gin"]) == [
+    assert gin_parsing.rewrite_gin_args(["x", "--gin.MODEL_DIR='/a=b'", "--gin_file=c.gin"]) == [
         "x", "--gin_bindings=MODEL_DIR = '/a=b'", "--gin_file=c.gin"]
 
 
 # ---------------------------------------------------------------------------------------------
 # The command line, in subprocesses: the smoke config end to end, and SIGTERM then resume.
 
-_CLI = ["-m", "samtone.train", "--gin_file=configs/smoke.gin", "--gin.TRAIN_STEPS=40",
+_CLI = ["-m", "samtone.cli.train", "--gin_file=configs/smoke.gin", "--gin.TRAIN_STEPS=40",
         "--gin.BATCH_SIZE=16", "--gin.PASSAGE_LENGTH=48", "--gin.train.checkpoint_every=1000"]
 # Runs the CLI, then reports whether anything imported TensorFlow.
 _WITHOUT_TF = ("import runpy, sys\n"
                "try:\n"
-               "    runpy.run_module('samtone.train', run_name='__main__', alter_sys=True)\n"
+               "    runpy.run_module('samtone.cli.train', run_name='__main__', alter_sys=True)\n"
                "finally:\n"
                "    print('tensorflow imported:', any(m == 'tensorflow' or m.startswith("
                "('tensorflow.', 'seqio', 'tensorflow_datasets')) for m in sys.modules))\n")
@@ -258,7 +276,7 @@ def test_smoke_config_end_to_end_without_tensorflow(smoke_run):
     model_dir, completed = smoke_run
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "tensorflow imported: False" in completed.stdout
-    assert "eval at step 40: P@1" in completed.stdout and "MRR" in completed.stdout
+    assert "samtone-train: step 40/40" in completed.stdout and "MRR" in completed.stdout
     assert "eval at step 20 on 300 pairs: P@1" in completed.stderr  # train.eval_every
     assert "step 40/40 | loss" in completed.stderr and "examples/s | ETA" in completed.stderr
     assert _final_state(model_dir)[0] == 40
@@ -279,7 +297,7 @@ def test_sigterm_checkpoints_and_the_rerun_matches_the_uninterrupted_run(smoke_r
                 process.send_signal(signal.SIGTERM)
                 break
         rest = process.stderr.read()
-        assert process.wait(timeout=120) == train_lib.PREEMPTED_EXIT_CODE, rest[-3000:]
+        assert process.wait(timeout=120) == PREEMPTED_EXIT_CODE, rest[-3000:]
     finally:
         process.kill()
     assert "preemption notice: checkpoint of step" in rest

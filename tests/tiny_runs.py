@@ -16,7 +16,7 @@ def train_tiny_run(model_dir, *gin_args, steps=2):
     # One CPU device: compiles twice as fast as 8; the sharded paths have their own tests.
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
     result = subprocess.run(
-        [sys.executable, "-m", "samtone.train", "--gin_file=configs/smoke.gin",
+        [sys.executable, "-m", "samtone.cli.train", "--gin_file=configs/smoke.gin",
          f"--gin.MODEL_DIR='{model_dir}'", "--gin.EVAL_DATA=None", f"--gin.TRAIN_STEPS={steps}",
          "--gin.BATCH_SIZE=8", f"--gin.QUERY_LENGTH={QUERY_LENGTH}",
          f"--gin.PASSAGE_LENGTH={PASSAGE_LENGTH}", "--gin.train.checkpoint_every=1",

@@ -26,6 +26,8 @@ import flax.serialization
 import msgpack
 import numpy as np
 
+from samtone.models import dual_encoder
+
 CHECKPOINT_FILE = "checkpoint"
 
 
@@ -253,14 +255,6 @@ def t5x_dual_encoder_to_samtone(t5x_params: dict, architecture: str) -> dict:
     if "projection_layer" not in t5x_params:
         raise KeyError(
             f"T5X params: no 'projection_layer' (found {sorted(t5x_params)}); a pretrained T5 checkpoint "
-            "has none: use t5x_encoder_to_samtone with samtone.models.dual_encoder.init_from_encoder"
+            "has none: use t5x_encoder_to_samtone with samtone.models.dual_encoder.tower_params"
         )
-    projection = t5x_params["projection_layer"]
-    if architecture == "sde":
-        return {"encoder": encoder, "projection_layer": projection}
-    if architecture == "ade":
-        return {"query_encoder": encoder, "passage_encoder": encoder,
-                "query_projection_layer": projection, "passage_projection_layer": projection}
-    if architecture == "ade_spl":
-        return {"query_encoder": encoder, "passage_encoder": encoder, "projection_layer": projection}
-    raise ValueError(f"architecture must be 'sde', 'ade' or 'ade_spl', got {architecture!r}")
+    return dual_encoder.tower_params(encoder, architecture, t5x_params["projection_layer"])

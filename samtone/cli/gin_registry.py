@@ -1,7 +1,8 @@
 """The Gin registry: every configurable samtone exposes, registered in one place.
 
 Library modules stay Gin-free; this file wraps their constructors and functions with
-`gin.external_configurable` under the short names the files in gin/ and configs/ use:
+`gin.external_configurable` under the short names the files in gin/ and configs/ use. Only
+the command-line layer imports it, so embedding text or reading a checkpoint never loads Gin:
 
   train                       samtone.train.train (the loop)
   distributed                 initialize_distributed below (jax.distributed.initialize)
@@ -12,18 +13,12 @@ Library modules stay Gin-free; this file wraps their constructors and functions 
   make_mesh, logical_axis_rules   samtone.partitioning
   make_batch_iterator         samtone.data.pipeline.make_batch_iterator
   smoke_path                  path of a file shipped in samtone/data/smoke/
-
-Gin config files are looked up on the search path: the current directory, any
-`--gin_search_paths`, then the folder holding samtone's gin/ and configs/ (the repository
-root for a source checkout or an editable install, `<prefix>/share/samtone` otherwise).
+  make_seqio_batch_iterator, tfds_task, add_tfds_retrieval_task
+                              samtone.tasks / samtone.data.seqio_source (extra `seqio`),
+                              imported on first call so that nothing else loads TensorFlow
 """
 from __future__ import annotations
 
-import os
-import pathlib
-import site
-import sys
-import sysconfig
 from typing import Sequence
 
 import gin
@@ -97,56 +92,24 @@ gin.external_configurable(pipeline.make_batch_iterator, name="make_batch_iterato
 gin.external_configurable(data_lib.smoke_path, name="smoke_path")
 
 
-def resources_dir() -> pathlib.Path | None:
-    """The folder holding gin/ and configs/: repo root (source, editable) or installed data."""
-    package_dir = pathlib.Path(__file__).resolve().parent
-    candidates = [package_dir.parent]
-    for prefix in (sysconfig.get_path("data"), sys.prefix, site.getuserbase()):
-        candidates.append(pathlib.Path(prefix) / "share" / "samtone")
-    for candidate in candidates:
-        if (candidate / "gin").is_dir() and (candidate / "configs").is_dir():
-            return candidate
-    return None
+# The seqio extra brings TensorFlow: its functions are imported when a config calls them.
+def make_seqio_batch_iterator(*args, **kwargs):
+    """samtone.data.seqio_source.make_seqio_batch_iterator (imports TensorFlow)."""
+    from samtone import tasks  # pylint: disable=import-outside-toplevel
+    return tasks.make_seqio_batch_iterator(*args, **kwargs)
 
 
-def search_paths(extra: Sequence[str] = ()) -> list[str]:
-    """Where config files are looked for, in order: cwd, `extra`, samtone's own folder."""
-    paths = [os.getcwd(), *extra]
-    resources = resources_dir()
-    if resources is not None:
-        paths.append(str(resources))
-    return paths
+def tfds_task(*args, **kwargs):
+    """samtone.tasks.tfds_task (imports TensorFlow)."""
+    from samtone import tasks  # pylint: disable=import-outside-toplevel
+    return tasks.tfds_task(*args, **kwargs)
 
 
-def _use_search_paths_only() -> None:
-    """Stops Gin from also reading config paths as Python packages.
-
-    Gin's package reader takes "configs/x.gin" for a file of a package `configs`: it logs an
-    error for every miss and crashes on a namespace package (any folder named configs/ on
-    sys.path). samtone finds config files through the search paths alone.
-    """
-    from gin import resource_reader  # pylint: disable=import-outside-toplevel
-    readers = gin.config._FILE_READERS  # pylint: disable=protected-access
-    readers[:] = [entry for entry in readers
-                  if entry[1] is not resource_reader.system_path_file_exists]
+def add_tfds_retrieval_task(*args, **kwargs):
+    """samtone.tasks.add_tfds_retrieval_task (imports TensorFlow)."""
+    from samtone import tasks  # pylint: disable=import-outside-toplevel
+    return tasks.add_tfds_retrieval_task(*args, **kwargs)
 
 
-def parse(gin_files: Sequence[str], bindings: Sequence[str] = (),
-          extra_search_paths: Sequence[str] = (), finalize: bool = True) -> None:
-    """Parses config files then bindings; Gin's own errors (file, line, binding) propagate."""
-    _use_search_paths_only()
-    for path in search_paths(extra_search_paths):
-        gin.add_config_file_search_path(path)
-    gin.parse_config_files_and_bindings(gin_files, bindings, finalize_config=finalize)
-
-
-def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
-    """Turns t5x-style `--gin.NAME=VALUE` into `--gin_bindings=NAME = VALUE`."""
-    rewritten = []
-    for arg in argv:
-        if arg.startswith("--gin.") and "=" in arg:
-            name, value = arg[len("--gin."):].split("=", 1)
-            rewritten.append(f"--gin_bindings={name} = {value}")
-        else:
-            rewritten.append(arg)
-    return rewritten
+for _seqio_function in (make_seqio_batch_iterator, tfds_task, add_tfds_retrieval_task):
+    gin.external_configurable(_seqio_function)

@@ -31,6 +31,8 @@ import math
 import os
 from typing import Any, Callable, Iterator, Sequence
 
+from samtone.errors import ConfigError, DataError, MissingFileError
+
 _LOG = logging.getLogger(__name__)
 
 _PASSAGE_KEYS = ("passage", "positive", "pos")
@@ -48,16 +50,6 @@ class Example:
     label: float | None = None
     query_id: str | None = None
     passage_id: str | None = None
-
-
-class DataError(ValueError):
-    """Bad input data; the message reads `file:line: field 'name' <problem>`."""
-
-    def __init__(self, path: str, line: int | None, field: str | None, problem: str):
-        where = path if line is None else f"{path}:{line}"
-        what = f" field '{field}'" if field else ""
-        super().__init__(f"{where}:{what} {problem}")
-        self.path, self.line, self.field, self.problem = path, line, field, problem
 
 
 @dataclasses.dataclass
@@ -119,14 +111,14 @@ def expand_paths(paths: PathOrPaths) -> list[str]:
         if any(c in path for c in "*?["):
             matches = _glob(path)
             if not matches:
-                raise FileNotFoundError(f"no files match the pattern {path!r}")
+                raise MissingFileError(f"no files match the pattern {path!r}")
             expanded.extend(matches)
         elif _exists(path):
             expanded.append(path)
         else:
-            raise FileNotFoundError(f"no such file or directory: {path!r}")
+            raise MissingFileError(f"no such file or directory: {path!r}")
     if not expanded:
-        raise ValueError("no data paths given")
+        raise ConfigError("no data paths given")
     return expanded
 
 
@@ -152,7 +144,7 @@ class _Reader:
 
     def __init__(self, on_bad_line: str, stats: ReadStats | None):
         if on_bad_line not in ("error", "skip"):
-            raise ValueError(f"on_bad_line must be 'error' or 'skip', got {on_bad_line!r}")
+            raise ConfigError(f"on_bad_line must be 'error' or 'skip', got {on_bad_line!r}")
         self.on_bad_line = on_bad_line
         self.stats = stats if stats is not None else ReadStats()
 
@@ -179,6 +171,11 @@ class _Reader:
         if skipped:
             _LOG.warning("%s: skipped %d bad line(s), kept %d records; first: %s",
                          path, skipped, kept, first_error)
+        if not kept:
+            # An empty file is a mistake (wrong path, failed download), never "train on nothing".
+            raise DataError(path, None, None,
+                            f"has no usable lines: all {skipped} were bad (first: {first_error})"
+                            if skipped else "holds no records (the file is empty)")
 
 
 # --- field checks ------------------------------------------------------------------------
@@ -347,7 +344,7 @@ def _read_beir(reader: _Reader, folder: str, split: str) -> Iterator[Example]:
     folder = folder.rstrip("/")
     qrels = f"{folder}/qrels/{split}.tsv"
     if not _exists(qrels):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"BEIR folder {folder!r} has no qrels/{split}.tsv (split={split!r}; BEIR splits "
             "are usually train, dev, test)"
         )
@@ -400,9 +397,14 @@ def read_examples(paths: PathOrPaths, *, on_bad_line: str = "error", split: str 
         elif path.endswith(".tsv"):
             examples.extend(reader.records(path, _tsv_parser()))
         else:
-            raise ValueError(f"{path}: unknown format; expected .jsonl, .json, .tsv or a BEIR "
-                             "folder (read_sentences reads plain text)")
+            raise DataError(path, None, None, "unknown format; expected .jsonl, .json, .tsv or a "
+                            "BEIR folder (read_sentences reads plain text)")
     return examples
+
+
+def read_beir_texts(path: str | os.PathLike, *, on_bad_line: str = "error") -> dict[str, str]:
+    """`_id` -> text of a BEIR `corpus.jsonl` or `queries.jsonl` (title + " " + text)."""
+    return _beir_texts(_Reader(on_bad_line, None), os.fspath(path))
 
 
 def read_sentences(paths: PathOrPaths, *, on_bad_line: str = "error",

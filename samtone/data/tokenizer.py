@@ -17,9 +17,14 @@ from typing import Union
 import numpy as np
 import sentencepiece as spm
 
+from samtone.errors import ConfigError, MissingFileError
+
 PAD_ID = 0
 EOS_ID = 1
 UNK_ID = 2
+# Characters kept per token of max_length before tokenising (see Tokenizer.encode); generous:
+# SentencePiece pieces are at most 16 characters long.
+MAX_CHARS_PER_TOKEN = 64
 
 PathLike = Union[str, os.PathLike]
 
@@ -40,12 +45,12 @@ class Tokenizer:
         """
         self.path = os.fspath(spm_model_path)
         if not os.path.isfile(self.path):
-            raise FileNotFoundError(f"SentencePiece model not found: {self.path!r}")
+            raise MissingFileError(f"SentencePiece model not found: {self.path!r} (gin: VOCABULARY)")
         processor = spm.SentencePieceProcessor()
         try:
             processor.Load(self.path)
         except (RuntimeError, OSError) as error:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.path!r} is not a SentencePiece model (sentencepiece says: {error})"
             ) from error
         for name, found, expected in (
@@ -53,7 +58,7 @@ class Tokenizer:
             ("eos", processor.eos_id(), EOS_ID),
         ):
             if found != expected:
-                raise ValueError(
+                raise ConfigError(
                     f"SentencePiece model {self.path!r} has {name}_id={found}; samtone expects "
                     f"T5's conventions pad_id={PAD_ID}, eos_id={EOS_ID} (unk_id={UNK_ID}, no BOS). "
                     "Train it with pad_id=0 eos_id=1 unk_id=2 bos_id=-1, e.g. via "
@@ -86,12 +91,16 @@ class Tokenizer:
         """Tokenises `texts` into `int32 [len(texts), max_length]`: pieces, EOS, then padding.
 
         Texts longer than `max_length - 1` pieces are truncated so that EOS is always present.
+        Before tokenising, each text is cut to `MAX_CHARS_PER_TOKEN * max_length` characters:
+        no piece is longer than 16 characters, so the kept pieces are the same, and a 200 MB
+        line costs no more memory than a normal one.
         """
         if isinstance(texts, (str, bytes)):
             raise TypeError("Tokenizer.encode takes a sequence of texts; wrap a single text in a list")
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1 (room for EOS), got {max_length}")
-        texts = list(texts)
+        max_chars = MAX_CHARS_PER_TOKEN * max_length
+        texts = [text[:max_chars] for text in texts]
         token_ids = np.full((len(texts), max_length), PAD_ID, dtype=np.int32)
         if not texts:
             return token_ids

@@ -13,7 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from samtone.models.t5 import T5Config, T5Encoder, stack_layer_params, unstack_layer_params
+from samtone.models.t5 import T5Config, T5Encoder
+from samtone.normalize import l2_normalize
 
 ARCHITECTURES = ("sde", "ade", "ade_spl")
 
@@ -23,12 +24,6 @@ def mean_pool(hidden, token_ids):
     mask = (token_ids != 0).astype(jnp.float32)[..., None]
     total = jnp.sum(hidden.astype(jnp.float32) * mask, axis=-2)
     return total / jnp.maximum(jnp.sum(mask, axis=-2), 1.0)
-
-
-def l2_normalize(x, eps: float = 1e-12):
-    """x / ||x|| in float32; an all-zero row stays zero (and has finite gradients)."""
-    x = x.astype(jnp.float32)
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), eps))
 
 
 class DualEncoder(nn.Module):
@@ -96,45 +91,20 @@ class DualEncoder(nn.Module):
         return outputs
 
 
-def init_from_encoder(dual_params, encoder_params):
-    """Copies a pretrained `T5Encoder` tree into every tower of a dual-encoder tree.
+def tower_params(encoder_params: dict, architecture: str, projection: dict | None = None) -> dict:
+    """A (partial) DualEncoder parameter tree with `encoder_params` in every encoder tower.
 
-    `dual_params` is the DualEncoder's params (optionally under "params", boxed or not);
-    `encoder_params` a T5Encoder tree such as `load_hf_t5_encoder` returns, in either layer
-    layout (it is restacked to match). Projections keep their initial values; leaves keep
-    the dual tree's dtype and boxing.
+    The one way a pretrained encoder enters a dual encoder: ADE and ADE-SPL start with the same
+    encoder in both towers (the arrays are shared until placed on devices); a given projection
+    goes into every projection layer, otherwise the tree has none and the caller initialises
+    it (samtone.train_step.init_train_state(init_params=...)).
     """
-    if "params" in dual_params:
-        return {**dual_params, "params": init_from_encoder(dual_params["params"], encoder_params)}
-    encoder_params = nn.unbox(encoder_params)
-    encoder_params = encoder_params.get("params", encoder_params)
-    towers = [name for name in dual_params if name.endswith("encoder")]
-    if not towers:
-        raise ValueError(f"init_from_encoder: no '*encoder' tower in dual-encoder params {sorted(dual_params)}")
-    result = dict(dual_params)
-    for tower in towers:
-        target = dual_params[tower]
-        if "layers" in target and "layers" not in encoder_params:
-            source = stack_layer_params(encoder_params, len([k for k in encoder_params if k.startswith("layers_")]))
-        elif "layers" not in target and "layers" in encoder_params:
-            source = unstack_layer_params(encoder_params)
-        else:
-            source = encoder_params
-        result[tower] = _copy_into(target, source, tower)
-    return result
-
-
-def _copy_into(target, source, where: str):
-    """`source` values in `target`'s structure, dtype and boxing; errors name the path."""
-    if isinstance(target, nn.Partitioned):
-        return target.replace_boxed(_copy_into(target.unbox(), source, where))
-    if isinstance(target, dict):
-        if not isinstance(source, dict) or set(source) != set(target):
-            found = sorted(source) if isinstance(source, dict) else type(source).__name__
-            raise ValueError(f"init_from_encoder: at {where} expected keys {sorted(target)}, found {found}")
-        return {key: _copy_into(target[key], source[key], f"{where}/{key}") for key in target}
-    if tuple(source.shape) != tuple(target.shape):
-        raise ValueError(f"init_from_encoder: {where} has shape {tuple(target.shape)}; the encoder gives "
-                         f"{tuple(source.shape)}")
-    # astype keeps numpy on the host: a large checkpoint is placed (sharded) by the caller.
-    return source.astype(target.dtype)
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
+    towers = ("encoder",) if architecture == "sde" else ("query_encoder", "passage_encoder")
+    tree = {tower: encoder_params for tower in towers}
+    if projection is not None:
+        projections = (("query_projection_layer", "passage_projection_layer")
+                       if architecture == "ade" else ("projection_layer",))
+        tree.update({name: projection for name in projections})
+    return tree

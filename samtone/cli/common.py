@@ -1,0 +1,107 @@
+"""What every samtone command shares: one-line user errors (exit 2), quiet logs, absolute paths.
+
+    def main(argv): ...
+    if __name__ == "__main__":
+        common.run(main)
+
+`run` parses the absl flags, silences library chatter (orbax's per-save INFO, JAX's probe for
+a TPU backend), and turns a `samtone.errors.UserError`, a bad flag or Gin's own configuration
+errors into `error: <message>` on stderr with exit status 2. `--traceback` (or
+SAMTONE_TRACEBACK=1) shows the stack instead. Any other exception is a programming error and
+keeps its traceback.
+"""
+from __future__ import annotations
+
+import logging as std_logging
+import os
+import sys
+from typing import Callable, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from samtone.errors import UserError
+
+USER_ERROR_EXIT = 2
+TRACEBACK_VARIABLE = "SAMTONE_TRACEBACK"
+FLAGS = flags.FLAGS
+
+
+def absolute_path(path: str | os.PathLike | None) -> str | None:
+    """A local path made absolute (relative to the current folder); URLs (gs://) as given."""
+    if path is None:
+        return None
+    text = os.fspath(path)
+    return text if "://" in text else os.path.abspath(os.path.expanduser(text))
+
+
+def absolute_paths(paths):
+    """`absolute_path` of a path or of each path of a list; other values as given."""
+    if isinstance(paths, (str, os.PathLike)):
+        return absolute_path(paths)
+    if isinstance(paths, (list, tuple)):
+        return type(paths)(absolute_paths(path) for path in paths)
+    return paths
+
+
+class _LibraryNoise(std_logging.Filter):
+    """Drops orbax's INFO lines and JAX's 'Unable to initialize backend' probe; keeps warnings."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        if record.levelno >= std_logging.WARNING:
+            return True
+        if "/orbax/" in record.pathname:
+            return False
+        return not record.getMessage().startswith("Unable to initialize backend")
+
+
+def quiet_library_logs() -> None:
+    """Installs the filter on absl's handler and on the root logger's handlers."""
+    noise = _LibraryNoise()
+    logging.get_absl_handler().addFilter(noise)
+    for handler in std_logging.getLogger().handlers:
+        handler.addFilter(noise)
+
+
+def _wants_traceback() -> bool:
+    from_flag = "traceback" in FLAGS and FLAGS.is_parsed() and FLAGS.traceback
+    return bool(from_flag) or os.environ.get(TRACEBACK_VARIABLE, "") not in ("", "0")
+
+
+def fail(message: str) -> None:
+    """Prints `error: message` and exits with status 2."""
+    # Gin appends "In call to configurable 'train' (<function ...>)": noise to a user.
+    lines = [line for line in message.splitlines()
+             if not line.strip().startswith("In call to configurable")]
+    print("error: " + "\n".join(lines), file=sys.stderr, flush=True)
+    sys.exit(USER_ERROR_EXIT)
+
+
+def _parse_flags(argv: Sequence[str]) -> list[str]:
+    try:
+        return FLAGS(argv)
+    except flags.Error as error:
+        fail(f"{error}\n(pass --helpfull to list the flags)")
+        raise  # unreachable: fail exits
+
+
+def run(main: Callable[[Sequence[str]], None], argv: Sequence[str] | None = None) -> None:
+    """Runs `main` as a command: absl flags, quiet logs, user errors as messages (exit 2)."""
+    if "traceback" not in FLAGS:
+        flags.DEFINE_bool("traceback", False, "Show the full stack of a user error (also "
+                          f"{TRACEBACK_VARIABLE}=1).")
+
+    def guarded(arguments: Sequence[str]) -> None:
+        quiet_library_logs()
+        if len(arguments) > 1:
+            fail(f"unexpected arguments {list(arguments[1:])}; every input is a --flag "
+                 "(--helpfull lists them)")
+        try:
+            main(arguments)
+        except UserError as error:
+            if _wants_traceback():
+                raise
+            fail(str(error))
+
+    app.run(guarded, argv=list(sys.argv if argv is None else argv), flags_parser=_parse_flags)

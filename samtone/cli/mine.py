@@ -1,0 +1,56 @@
+"""`samtone-mine`: hard negatives for a training file from a trained run (samtone.mine).
+
+    samtone-mine --model_dir=runs/base --train_data=pairs.jsonl --output=pairs_hn.jsonl --k=4 \
+        [--corpus=corpus.jsonl] [--margin=0.05]
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from absl import flags
+
+from samtone import mine
+from samtone.cli import common
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("model_dir", None, "MODEL_DIR of a samtone-train run (model.json and "
+                        "checkpoints/), or a samtone-export directory.", required=True)
+    flags.DEFINE_list("train_data", None, "Training pairs (JSONL/TSV/BEIR folder, globs) to "
+                      "mine negatives for.", required=True)
+    flags.DEFINE_string("output", None, "JSONL file to write.", required=True)
+    flags.DEFINE_integer("k", None, "Negatives per example.", required=True, lower_bound=1)
+    flags.DEFINE_list("corpus", None, "Extra passages to mine from (.txt one per line, BEIR "
+                      "corpus.jsonl, or training files); the training passages always count.")
+    flags.DEFINE_float("margin", None, "Drop candidates scoring above the weakest positive's "
+                       "score minus this (likely false negatives); unset: no such filter.")
+    flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the newest).")
+    flags.DEFINE_integer("batch_size", 128, "Texts encoded at once (a multiple of the data "
+                         "axis).", lower_bound=1)
+    flags.DEFINE_integer("block_size", None, "Queries scored at once (default: ~2^26 scores).",
+                         lower_bound=1)
+
+
+def main(argv: Sequence[str]) -> None:
+    del argv
+    output = common.absolute_path(FLAGS.output)
+    stats = mine.mine_training_file(
+        common.absolute_path(FLAGS.model_dir), common.absolute_paths(FLAGS.train_data), output,
+        k=FLAGS.k, margin=FLAGS.margin, corpus=common.absolute_paths(FLAGS.corpus),
+        step=FLAGS.step, batch_size=FLAGS.batch_size, block_size=FLAGS.block_size)
+    print(f"samtone-mine: {stats.written} of {stats.examples} examples with {FLAGS.k} negatives "
+          f"each ({stats.dropped} dropped: too few candidates), corpus of {stats.corpus_size} "
+          f"passages\nwritten to: {output}\nnext: samtone-train ... "
+          f"--gin.TRAIN_DATA=\"'{output}'\" --gin.make_batch_iterator.num_negatives={FLAGS.k}",
+          flush=True)
+
+
+def console_entry() -> None:
+    define_flags()
+    common.run(main)
+
+
+if __name__ == "__main__":
+    console_entry()

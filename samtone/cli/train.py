@@ -1,0 +1,164 @@
+"""`samtone-train`: train (or resume) the run a Gin config describes.
+
+    samtone-train --gin_file=configs/smoke.gin [--gin.NAME=VALUE ...]
+
+Parses the Gin files and `--gin.NAME=VALUE` bindings (t5x's shorthand for `--gin_bindings`),
+checks the run's key values before anything compiles, makes its paths absolute, joins a
+multi-process job if configured, trains (samtone.train), and ends with a summary: the metrics,
+the wall time, the newest checkpoint and the commands to run next. Running it again on the same
+MODEL_DIR resumes.
+"""
+from __future__ import annotations
+
+import datetime
+import numbers
+import shlex
+import sys
+from typing import Any, Callable, Sequence
+
+import gin
+import jax
+from absl import flags
+from absl import logging
+from etils import epath
+
+from samtone.cli import common
+from samtone.cli import gin_parsing
+from samtone.cli import gin_registry
+from samtone.errors import ConfigError
+from samtone.preemption import PREEMPTED_EXIT_CODE
+
+DEFAULT_GIN_FILE = "configs/smoke.gin"
+FLAGS = flags.FLAGS
+
+
+
+def define_flags() -> None:
+    flags.DEFINE_multi_string("gin_file", None, f"Gin config files (default {DEFAULT_GIN_FILE}); "
+                              "later files override earlier ones.")
+    flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, applied after the files; "
+                              "--gin.NAME=VALUE is the same as --gin_bindings='NAME = VALUE'.")
+    flags.DEFINE_list("gin_search_paths", [], "Extra folders where Gin files and their "
+                      "includes are looked up (the current folder and samtone's own are always "
+                      "searched).")
+
+# Parameters holding paths: made absolute before the run starts, so config.gin, the manifest
+# and the printed next steps work from any folder.
+PATH_PARAMETERS = ("train.model_dir", "train.train_data", "train.eval_data",
+                   "train.vocabulary", "train.init_checkpoint")
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _positive_number(value) -> bool:
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and value > 0 and value == value and value != float("inf"))
+
+
+# (parameter, check, what it must be, may be None)
+CHECKS: tuple[tuple[str, Callable[[Any], bool], str, bool], ...] = (
+    ("train.global_batch_size", _positive_int, "a positive integer", False),
+    ("train.num_train_steps", _positive_int, "a positive integer", False),
+    ("train.query_length", lambda v: _positive_int(v) and v >= 2,
+     "an integer >= 2 (a token and EOS)", False),
+    ("train.passage_length", lambda v: _positive_int(v) and v >= 2,
+     "an integer >= 2 (a token and EOS)", False),
+    ("train.checkpoint_every", _positive_int, "a positive integer", False),
+    ("train.log_every", _positive_int, "a positive integer", False),
+    ("train.eval_every", _positive_int, "a positive integer or None", True),
+    ("train.keep_checkpoints", _positive_int, "a positive integer or None", True),
+    ("train.eval_batch_size", _positive_int, "a positive integer", False),
+    ("make_optimizer.learning_rate", _positive_number, "a positive number", False),
+    ("losses.samtone_loss.temperature", _positive_number, "a positive number", False),
+    ("losses.in_batch_softmax_loss.temperature", _positive_number, "a positive number", False),
+    ("losses.pair_loss.temperature", _positive_number, "a positive number", False),
+)
+
+
+def check_settings() -> None:
+    """Type- and range-checks the run's key values; the message names the binding."""
+    for name, check, expected, nullable in CHECKS:
+        value = gin_parsing.setting(name, default=_Missing)
+        if value is _Missing or (value is None and nullable):
+            continue
+        if not check(value):
+            raise ConfigError(f"{gin_parsing.binding_source(name)} must be {expected}, got "
+                              f"{value!r}")
+    if gin_parsing.setting("train.model_dir", None) is None:
+        raise ConfigError("no MODEL_DIR: set --gin.MODEL_DIR=\"'/path/to/run'\"")
+
+
+class _Missing:  # pylint: disable=too-few-public-methods
+    """Marks a parameter the config does not bind (its default applies)."""
+
+
+def make_paths_absolute() -> None:
+    """Rebinds each path parameter to its absolute form (relative to the current folder)."""
+    for name in PATH_PARAMETERS:
+        value = gin_parsing.setting(name, default=None)
+        absolute = common.absolute_paths(value)
+        if absolute != value:
+            gin.bind_parameter(name, absolute)
+
+
+def summary(result, model_dir: str, total_steps: int) -> str:
+    """The closing lines: metrics table, wall time, newest checkpoint, next commands."""
+    lines = [f"samtone-train: step {result.step}/{total_steps} in "
+             f"{datetime.timedelta(seconds=round(result.seconds))}"
+             + (f" ({result.skipped_nonfinite} non-finite updates skipped)"
+                if result.skipped_nonfinite else "")]
+    if result.eval_metrics:
+        lines.append("")
+        lines.append(f"  {'metric':<12}{'value':>8}")
+        lines.extend(f"  {name.upper():<12}{value:>8.4f}"
+                     for name, value in result.eval_metrics.items())
+    lines.append("")
+    lines.append(f"checkpoint: {result.checkpoint}")
+    lines.append(f"run:        {model_dir} (model.json, config.gin, TensorBoard: tensorboard "
+                 f"--logdir {shlex.quote(model_dir)})")
+    eval_data = gin_parsing.setting("train.eval_data", None)
+    data = eval_data if isinstance(eval_data, str) else "HELD_OUT.jsonl"
+    quoted = shlex.quote(model_dir)
+    lines.append("next:")
+    lines.append(f"  analyze:  samtone-analyze --model_dir={quoted} --data={shlex.quote(data)} "
+                 f"--output_dir={shlex.quote(model_dir + '/analysis')}")
+    lines.append(f"  export:   samtone-export --model_dir={quoted} "
+                 f"--export_dir={shlex.quote(model_dir + '/export')}")
+    lines.append(f"  mine:     samtone-mine --model_dir={quoted} --train_data=TRAIN.jsonl "
+                 "--output=mined.jsonl --k=4")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str]) -> None:
+    """Parses and checks the config, joins a multi-process job if configured, trains."""
+    del argv
+    gin_parsing.parse(FLAGS.gin_file or [DEFAULT_GIN_FILE], FLAGS.gin_bindings,
+                      FLAGS.gin_search_paths, finalize=False)
+    check_settings()
+    make_paths_absolute()
+    gin.finalize()
+    gin.get_configurable(gin_registry.initialize_distributed)()
+    if jax.process_index() != 0:
+        logging.set_verbosity(logging.WARNING)  # progress is logged once, by process 0
+    model_dir = gin_parsing.setting("train.model_dir")
+    if jax.process_index() == 0:
+        epath.Path(model_dir).mkdir(parents=True, exist_ok=True)
+        (epath.Path(model_dir) / "config.gin").write_text(gin.config_str())
+    result = gin.get_configurable("train")()
+    if jax.process_index() == 0:
+        print(summary(result, model_dir, gin_parsing.setting("train.num_train_steps")),
+              flush=True)
+    if result.preempted:
+        sys.exit(PREEMPTED_EXIT_CODE)
+
+
+def console_entry() -> None:
+    """`samtone-train` and `python -m samtone.cli.train`."""
+    define_flags()
+    common.run(main, gin_parsing.rewrite_gin_args(sys.argv))
+
+
+if __name__ == "__main__":
+    console_entry()
