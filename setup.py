@@ -39,10 +39,11 @@ setuptools.setup(
         "test": [
             "pytest>=8",
             "torch==2.13.0",
-            "transformers>=4.40",
+            "transformers>=5",  # sentence-transformers>=6.2 needs transformers 5
             "safetensors>=0.4",
             "sentence-transformers>=6.2",
             "ranx>=0.3.20",
+            "pytrec_eval-terrier>=0.5.6",  # trec_eval itself, for the retrieval metrics
             "scipy>=1.11",
         ],
         "seqio": [
@@ -51,6 +52,12 @@ setuptools.setup(
             "tensorflow-text>=2.15",
         ],
         "analysis": ["matplotlib>=3.8", "scikit-learn>=1.4"],
+        # samtone-export --format=saved_model (jax2tf + the SentencePiece op in the graph).
+        "serving": ["tensorflow>=2.15", "tensorflow-text>=2.15"],
+        # samtone-export --format=sentence_transformers; the folder it writes loads with
+        # these alone (sentence-transformers>=6.2 needs transformers>=5).
+        "sentence-transformers": ["sentence-transformers>=6.2", "transformers>=5",
+                                  "torch>=2.4"],
     },
     entry_points={
         "console_scripts": [
@@ -58,6 +65,9 @@ setuptools.setup(
             "samtone-mine=samtone.cli.mine:console_entry",
             "samtone-export=samtone.cli.export:console_entry",
             "samtone-analyze=samtone.cli.analyze:console_entry",
+            "samtone-plan=samtone.cli.plan:console_entry",
+            "samtone-eval=samtone.cli.eval:console_entry",
+            "samtone-convert=samtone.cli.convert:console_entry",
         ]
     },
 )

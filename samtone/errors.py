@@ -36,3 +36,7 @@ class CheckpointError(UserError, ValueError):
 
 class OutputExistsError(UserError, FileExistsError):
     """An output the command would write already exists and must not be replaced silently."""
+
+
+class MissingDependencyError(UserError, ImportError):
+    """An optional package a requested feature needs is not installed; says what to install."""

@@ -1,175 +1,302 @@
-"""Evaluation of a dual encoder: encode texts, score, and report retrieval / STS metrics.
+"""Evaluation of a dual encoder against a full corpus: encode, search on the mesh, score a run.
 
-The encoder functions are any callables `int32 [B, L] -> [B, D]` (a jitted
-`DualEncoder.encode_queries` bound to its params, say). Texts are tokenised and encoded in
-batches of one fixed shape, so a jitted encoder compiles once per (batch_size, length).
+    samtone-eval --model_dir=runs/base --data=beir/scifact        # samtone.cli.eval
+    result = evaluate_retrieval(encoder, read_retrieval_set("beir/scifact"))
 
-Scoring a large corpus never builds the full [Nq, Np] matrix: queries are scored in blocks
-of rows, each block reduced to the ranks of its relevant passages (samtone.metrics) before
-the next, so memory stays at about `max_scores_in_memory` floats plus the embeddings.
+Retrieval (`evaluate_retrieval`): the corpus is encoded with the passage tower, window by
+window in length buckets (samtone.encoding), and streamed into a PassageIndex sharded over
+the device mesh (samtone.search), each process keeping only the rows its devices hold. Every
+query is encoded with the query tower, and the index returns its top k passages by cosine
+(exact `top_k`, or `approx_max_k` with a recall target). The top-k lists, put in the order
+trec_eval reads them (ties by descending document id), are the run: `run.trec` holds them
+and samtone.metrics scores them as trec_eval does (P@1, MRR@10, NDCG@10, Recall@1/10/100),
+so `trec_eval` / pytrec_eval / ranx on run.trec and the qrels give the same numbers.
+
+Graded pairs (`evaluate_graded`, STS / CoSENT data): Spearman and Pearson correlation of
+cos(query tower(a_i), passage tower(b_i)) with the labels.
+
+`evaluate_model` is what samtone-eval runs: the run's own Encoder (its manifest, never its
+Gin config), the data, and `metrics.json` + `run.trec` in the output folder. Evaluation during
+training (samtone.train_eval) calls `evaluate_retrieval` / `evaluate_graded` with the live
+parameters; samtone.analysis calls `rank_embeddings`.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import dataclasses
+import json
+import os
+import time
+from typing import Iterable, Iterator, Sequence
 
+import jax
 import numpy as np
+from etils import epath
+from jax.sharding import Mesh
 
 from samtone import metrics
+from samtone import search
+from samtone.data import files
+from samtone.data import retrieval
+from samtone.data.retrieval import RetrievalSet
+from samtone.errors import ConfigError
+from samtone.inference import Encoder
 from samtone.normalize import l2_normalize
 
-EncodeFn = Callable[[np.ndarray], Any]
+METRICS_FILE = "metrics.json"
+RUN_FILE = "run.trec"
+RUN_TAG = "samtone"  # the last column of run.trec
+GRADED_METRICS = ("Spearman", "Pearson")
 
 
-def retrieval_metrics(
-    query_embeddings: np.ndarray,
-    passage_embeddings: np.ndarray,
-    qrels: metrics.Qrels,
-    *,
-    k: int = 10,
-    similarity: str = "cosine",
-    max_scores_in_memory: int = 1 << 26,
-) -> dict[str, float]:
-    """p@1, MRR (uncut), nDCG@k and recall@k of ranking every passage for every query.
+@dataclasses.dataclass
+class RetrievalResult:
+    """Metrics of a run, the run itself, and the time each stage took."""
+
+    metrics: dict[str, float]  # metrics.RETRIEVAL_METRICS
+    scores: np.ndarray  # float32 [Nq, k], each row in trec_eval's order; -inf: empty slot
+    indices: np.ndarray  # int64 [Nq, k] corpus indices; -1: empty slot
+    num_queries: int
+    num_passages: int
+    seconds: dict[str, float]  # encode_passages, encode_queries, search, metrics
+
+    def counts(self) -> dict[str, int]:
+        return {"num_queries": self.num_queries, "num_passages": self.num_passages}
+
+
+def evaluate_retrieval(encoder: Encoder, data: RetrievalSet, *, top_k: int = 100,
+                       mesh: Mesh | None = None, approximate: bool = False,
+                       recall_target: float = 0.95,
+                       progress: bool | None = None) -> RetrievalResult:
+    """Encodes `data`'s corpus and queries with `encoder` and scores its top-k run.
 
     Args:
-      query_embeddings: [Nq, D]; row i is query index i in `qrels`.
-      passage_embeddings: [Np, D]; row j is passage index j in `qrels`.
-      qrels: query index -> passage index -> grade (> 0 relevant); see samtone.metrics for
-        the conventions (ties by passage index, queries without relevant passages skipped).
-      similarity: "cosine" (embeddings L2-normalised first) or "dot".
-      max_scores_in_memory: bound on the elements of one block of the score matrix.
-
-    Returns:
-      {"p@1", "mrr", "ndcg@{k}", "recall@{k}"} as floats.
+      top_k: results per query, at least metrics.REQUIRED_DEPTH (or the whole corpus).
+      mesh: where the corpus lives; default all devices (partitioning.make_mesh()).
+      approximate, recall_target: `jax.lax.approx_max_k` instead of exact top-k.
+      progress: tqdm bars on encoding and search (default: on a terminal, large inputs).
     """
-    queries = np.asarray(query_embeddings, dtype=np.float32)
-    passages = np.asarray(passage_embeddings, dtype=np.float32)
-    if queries.ndim != 2 or passages.ndim != 2 or queries.shape[1] != passages.shape[1]:
-        raise ValueError(
-            f"need [Nq, D] query and [Np, D] passage embeddings, got {queries.shape} and {passages.shape}"
-        )
-    if similarity == "cosine":
-        queries, passages = l2_normalize(queries), l2_normalize(passages)
-    elif similarity != "dot":
-        raise ValueError(f"similarity must be 'cosine' or 'dot', got {similarity!r}")
-    for query in qrels:
-        if not 0 <= int(query) < len(queries):
-            raise ValueError(f"qrels names query {query}, but there are {len(queries)} query embeddings")
-
-    block = max(1, max_scores_in_memory // max(len(passages), 1))
-    ranked = []
-    for start in range(0, len(queries), block):
-        stop = min(start + block, len(queries))
-        scores = queries[start:stop] @ passages.T
-        ranked.extend(metrics.relevant_ranks(scores, qrels, range(start, stop)))
-    return metrics.summarize(ranked, k=k)
+    depth = _depth(top_k, len(data.passages))
+    seconds = {}
+    started = time.perf_counter()
+    index = build_index(encoder.passage_chunks(data.passages, progress=progress),
+                        len(data.passages), mesh)
+    index.embeddings.block_until_ready()
+    seconds["encode_passages"] = time.perf_counter() - started
+    started = time.perf_counter()
+    queries = l2_normalize(encoder.encode_queries(data.queries, progress=progress))
+    seconds["encode_queries"] = time.perf_counter() - started
+    started = time.perf_counter()
+    scores, indices = index.search(queries, depth, approximate=approximate,
+                                   recall_target=recall_target, progress=progress)
+    seconds["search"] = time.perf_counter() - started
+    return _score_run(scores, indices, data, seconds)
 
 
-def encode_texts(
-    encode_fn: EncodeFn,
-    tokenizer: Any,
-    texts: Sequence[str],
-    max_length: int,
-    batch_size: int,
-) -> np.ndarray:
-    """Embeddings [N, D] (float32) of `texts`, encoded `batch_size` at a time.
+def rank_embeddings(query_embeddings: np.ndarray, passage_embeddings: np.ndarray,
+                    data: RetrievalSet, *, top_k: int = 100,
+                    mesh: Mesh | None = None) -> RetrievalResult:
+    """`evaluate_retrieval` of embeddings already computed (rows = data's queries, passages)."""
+    depth = _depth(top_k, len(passage_embeddings))
+    started = time.perf_counter()
+    index = search.PassageIndex.from_embeddings(l2_normalize(np.asarray(passage_embeddings)),
+                                                mesh)
+    scores, indices = index.search(l2_normalize(np.asarray(query_embeddings)), depth,
+                                   progress=False)
+    return _score_run(scores, indices, data, {"search": time.perf_counter() - started})
 
-    `tokenizer.encode(texts, max_length)` gives int32 [n, max_length]. The last batch is
-    filled up to `batch_size` by repeating its first row (real tokens, so pooling stays
-    finite), and the extra rows are dropped from the result.
+
+def _depth(top_k: int, num_passages: int) -> int:
+    if top_k < metrics.REQUIRED_DEPTH and top_k < num_passages:
+        raise ConfigError(f"top_k={top_k} is too shallow: Recall@{metrics.REQUIRED_DEPTH} needs "
+                          f"the top {metrics.REQUIRED_DEPTH} of each query's results")
+    return min(top_k, num_passages)
+
+
+def _score_run(scores: np.ndarray, indices: np.ndarray, data: RetrievalSet,
+               seconds: dict[str, float]) -> RetrievalResult:
+    started = time.perf_counter()
+    scores, indices = metrics.trec_order(scores, indices, metrics.id_order(data.passage_ids))
+    values = metrics.retrieval_metrics(indices, data.qrels)
+    seconds["metrics"] = time.perf_counter() - started
+    return RetrievalResult(values, scores, indices, len(data.queries), len(data.passages),
+                           seconds)
+
+
+def build_index(chunks: Iterable[np.ndarray], num_passages: int,
+                mesh: Mesh | None = None) -> search.PassageIndex:
+    """A PassageIndex of unit-normalised passage embeddings arriving in corpus order.
+
+    Every process sees every chunk (a sharded encoder's replicated output) and keeps the
+    rows its own devices hold (`search.local_row_ranges`), so host memory stays at about
+    one shard however large the corpus.
     """
-    if not texts:
-        raise ValueError("encode_texts got no texts")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    outputs = []
-    for start in range(0, len(texts), batch_size):
-        batch_texts = list(texts[start:start + batch_size])
-        tokens = np.asarray(tokenizer.encode(batch_texts, max_length), dtype=np.int32)
-        if tokens.shape != (len(batch_texts), max_length):
-            raise ValueError(
-                f"tokenizer.encode returned shape {tokens.shape}, expected {(len(batch_texts), max_length)}"
-            )
-        filler = batch_size - len(batch_texts)
-        if filler:
-            tokens = np.concatenate([tokens, np.repeat(tokens[:1], filler, axis=0)])
-        # Keep device results unconverted until the end so tokenising the next batch
-        # overlaps with encoding this one (jax dispatches asynchronously).
-        outputs.append((encode_fn(tokens), len(batch_texts)))
-    return np.concatenate([np.asarray(out, dtype=np.float32)[:n] for out, n in outputs])
+    ranges = search.local_row_ranges(num_passages, mesh)
+    normalised = (l2_normalize(chunk) for chunk in chunks)
+    return search.PassageIndex.from_chunks(_local_rows(normalised, ranges), num_passages, mesh)
 
 
-def _index(values: Sequence[str]) -> tuple[list[str], dict[str, int]]:
-    """Unique values in order of first appearance, and value -> position."""
-    position: dict[str, int] = {}
-    for value in values:
-        position.setdefault(value, len(position))
-    return list(position), position
+def _local_rows(chunks: Iterable[np.ndarray], ranges: Sequence[tuple[int, int]]
+                ) -> Iterator[np.ndarray]:
+    """The rows of consecutive `chunks` (corpus order) that fall in `ranges`, in order."""
+    start = 0
+    for chunk in chunks:
+        stop = start + len(chunk)
+        for first, last in ranges:
+            low, high = max(first, start), min(last, stop)
+            if low < high:
+                yield chunk[low - start:high - start]
+        start = stop
 
 
-def evaluate_examples(
-    encode_queries: EncodeFn,
-    encode_passages: EncodeFn,
-    tokenizer: Any,
-    examples: Sequence[Any],
-    query_length: int,
-    passage_length: int,
-    batch_size: int = 64,
-    *,
-    k: int = 10,
-) -> dict[str, float]:
-    """Retrieval metrics of (query, passage) examples against the corpus of their passages.
-
-    Examples are anything with `.query` and `.passage` strings (samtone.data.files.Example).
-    The corpus is the unique passages; each distinct query is relevant (grade 1) to every
-    passage it is paired with. Negatives and labels are ignored; see
-    `evaluate_graded_examples` for labelled (STS-style) pairs.
-    """
-    if not examples:
-        raise ValueError("evaluate_examples got no examples")
-    query_texts, query_position = _index([example.query for example in examples])
-    passage_texts, passage_position = _index([example.passage for example in examples])
-    qrels: dict[int, dict[int, int]] = {}
-    for example in examples:
-        qrels.setdefault(query_position[example.query], {})[passage_position[example.passage]] = 1
-    query_embeddings = encode_texts(encode_queries, tokenizer, query_texts, query_length, batch_size)
-    passage_embeddings = encode_texts(encode_passages, tokenizer, passage_texts, passage_length, batch_size)
-    return retrieval_metrics(query_embeddings, passage_embeddings, qrels, k=k)
+# --- graded pairs --------------------------------------------------------------------------
 
 
-def graded_metrics(
-    a_embeddings: np.ndarray, b_embeddings: np.ndarray, labels: Sequence[float]
-) -> dict[str, float]:
-    """{"spearman": rank correlation of cosine(a_i, b_i) with labels_i} (STS / CoSENT data)."""
-    a = l2_normalize(np.asarray(a_embeddings, dtype=np.float32))
-    b = l2_normalize(np.asarray(b_embeddings, dtype=np.float32))
-    labels = np.asarray(labels, dtype=np.float64)
+def graded_metrics(a_embeddings: np.ndarray, b_embeddings: np.ndarray,
+                   labels: Sequence[float]) -> dict[str, float]:
+    """Spearman and Pearson correlation of cosine(a_i, b_i) with labels_i."""
+    a = l2_normalize(np.asarray(a_embeddings, np.float32))
+    b = l2_normalize(np.asarray(b_embeddings, np.float32))
+    labels = np.asarray(labels, np.float64)
     if a.shape != b.shape or a.ndim != 2 or labels.shape != (a.shape[0],):
-        raise ValueError(
-            f"need [N, D] embeddings and [N] labels, got {a.shape}, {b.shape} and {labels.shape}"
-        )
+        raise ValueError(f"need [N, D] embeddings and [N] labels, got {a.shape}, {b.shape} "
+                         f"and {labels.shape}")
     cosine = np.sum(a * b, axis=-1)
-    return {"spearman": metrics.spearman(cosine, labels)}
+    return {"Spearman": metrics.spearman(cosine, labels),
+            "Pearson": metrics.pearson(cosine, labels)}
 
 
-def evaluate_graded_examples(
-    encode_queries: EncodeFn,
-    encode_passages: EncodeFn,
-    tokenizer: Any,
-    examples: Sequence[Any],
-    query_length: int,
-    passage_length: int,
-    batch_size: int = 64,
-) -> dict[str, float]:
-    """`graded_metrics` of examples with `.query`, `.passage` and a float `.label`."""
+def evaluate_graded(encoder: Encoder, examples: Sequence[files.Example], *,
+                    progress: bool | None = None) -> dict[str, float]:
+    """`graded_metrics` of examples' (query, passage, label), each encoded by its tower."""
     if not examples:
-        raise ValueError("evaluate_graded_examples got no examples")
+        raise ValueError("evaluate_graded got no examples")
     unlabelled = [i for i, example in enumerate(examples) if example.label is None]
     if unlabelled:
-        raise ValueError(
-            f"graded evaluation needs a label on every example; example {unlabelled[0]} "
-            f"(query {examples[unlabelled[0]].query!r}) has none"
-        )
-    queries = encode_texts(encode_queries, tokenizer, [e.query for e in examples], query_length, batch_size)
-    passages = encode_texts(encode_passages, tokenizer, [e.passage for e in examples], passage_length, batch_size)
+        raise ValueError(f"graded evaluation needs a label on every example; example "
+                         f"{unlabelled[0]} (query {examples[unlabelled[0]].query!r}) has none")
+    queries = encoder.encode_queries([e.query for e in examples], progress=progress)
+    passages = encoder.encode_passages([e.passage for e in examples], progress=progress)
     return graded_metrics(queries, passages, [e.label for e in examples])
+
+
+# --- files ----------------------------------------------------------------------------------
+
+
+def write_run(path: str | os.PathLike, data: RetrievalSet, result: RetrievalResult,
+              tag: str = RUN_TAG) -> None:
+    """run.trec: `qid Q0 docid rank score tag`, the top k of each query in trec_eval's order.
+
+    Scores are written with 9 significant digits, which tell float32 values apart and keep
+    equal ones equal, so trec_eval ranks (and ties) exactly as the metrics here did.
+    """
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.parent / f".{path.name}.tmp"
+    with temporary.open("w") as f:
+        for query, (row_scores, row_indices) in enumerate(zip(result.scores, result.indices)):
+            query_id = data.query_ids[query]
+            f.write("".join(
+                f"{query_id} Q0 {data.passage_ids[passage]} {rank} {score:.9g} {tag}\n"
+                for rank, (passage, score) in enumerate(zip(row_indices.tolist(),
+                                                            row_scores.tolist()), start=1)
+                if passage >= 0))
+    temporary.replace(path)
+
+
+def write_metrics(path: str | os.PathLike, values: dict) -> None:
+    """`values` as indented JSON, written whole or not at all."""
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.parent / f".{path.name}.tmp"
+    temporary.write_text(json.dumps(values, indent=2) + "\n")
+    temporary.replace(path)
+
+
+def format_table(values: dict[str, float]) -> str:
+    """Two aligned columns, metric and value, for a command's closing lines."""
+    lines = [f"  {'metric':<12}{'value':>8}"]
+    lines.extend(f"  {name:<12}{value:>8.4f}" for name, value in values.items())
+    return "\n".join(lines)
+
+
+# --- samtone-eval ---------------------------------------------------------------------------
+
+
+def check_vocabulary(model_vocabulary: str | os.PathLike, data_vocabulary: str | os.PathLike,
+                     source: str) -> None:
+    """Refuses data tokenised with a SentencePiece model other than the checkpoint's.
+
+    The same file, or a file of the same bytes, passes; anything else is a ConfigError
+    naming both, since the model only reads the token ids of its own vocabulary.
+    """
+    model_path, data_path = epath.Path(model_vocabulary), epath.Path(data_vocabulary)
+    if not data_path.exists():
+        raise ConfigError(f"{source}: the vocabulary {os.fspath(data_path)} does not exist")
+    if model_path == data_path or model_path.read_bytes() == data_path.read_bytes():
+        return
+    raise ConfigError(f"{source}: the data's vocabulary {os.fspath(data_path)} is not the "
+                      f"model's vocabulary {os.fspath(model_path)} (a different SentencePiece "
+                      "model); the checkpoint only reads token ids of its own vocabulary, so "
+                      "evaluate text data (it is tokenised with the model's) or data "
+                      "prepared with that file")
+
+
+@dataclasses.dataclass
+class EvalReport:
+    """What samtone-eval prints: the metrics.json values, where files went, stage timings."""
+
+    values: dict  # metrics, counts, step, ...: the content of metrics.json
+    metric_names: tuple[str, ...]
+    output_dir: str
+    written: list[str]
+    seconds: dict[str, float]
+
+
+def evaluate_model(model_dir: str, data: files.PathOrPaths, *, split: str = "test",
+                   output_dir: str | None = None, step: int | None = None,
+                   batch_size: int = 128, top_k: int = 100, approximate: bool = False,
+                   recall_target: float = 0.95, vocabulary: str | None = None,
+                   progress: bool | None = None, mesh: Mesh | None = None) -> EvalReport:
+    """Evaluates a run (or export) on a BEIR folder or held-out pairs; writes metrics.json and
+    (retrieval) run.trec to `output_dir` (default MODEL_DIR/eval/<data name>)."""
+    folder = retrieval.beir_folder(data)
+    if folder is not None:
+        examples, dataset = None, retrieval.read_beir(folder, split)
+    else:
+        examples = files.read_examples(data)
+        dataset = None if retrieval.is_graded(examples) else retrieval.from_examples(
+            examples, retrieval.data_name(data))
+    name = dataset.name if dataset else retrieval.data_name(data)
+    if dataset is not None:
+        _depth(top_k, len(dataset.passages))  # before any loading or encoding
+    encoder = Encoder.load(model_dir, step=step, batch_size=batch_size)
+    if vocabulary is not None:
+        check_vocabulary(encoder.tokenizer.path, vocabulary, "--vocabulary")
+    output_dir = os.fspath(output_dir or epath.Path(model_dir) / "eval" / name)
+    values: dict = {}
+    written = [os.path.join(output_dir, METRICS_FILE)]
+    if dataset is None:
+        started = time.perf_counter()
+        values.update(evaluate_graded(encoder, examples, progress=progress))
+        seconds = {"encode_pairs": time.perf_counter() - started}
+        values["num_pairs"], names = len(examples), GRADED_METRICS
+    else:
+        result = evaluate_retrieval(encoder, dataset, top_k=top_k, mesh=mesh,
+                                    approximate=approximate, recall_target=recall_target,
+                                    progress=progress)
+        values.update(result.metrics)
+        values.update(result.counts())
+        seconds, names = result.seconds, metrics.RETRIEVAL_METRICS
+        values.update(top_k=min(top_k, result.num_passages),
+                      search=f"approximate (recall_target {recall_target})" if approximate
+                      else "exact")
+        written.insert(0, os.path.join(output_dir, RUN_FILE))
+    values.update(step=int(encoder.step), model_dir=os.fspath(model_dir),
+                  data=[os.fspath(p) for p in files.expand_paths(data)])
+    if folder is not None:
+        values["split"] = split
+    if jax.process_index() == 0:
+        if dataset is not None:
+            write_run(written[0], dataset, result)
+        write_metrics(written[-1], values)
+    return EvalReport(values, names, output_dir, written, seconds)

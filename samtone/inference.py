@@ -1,56 +1,51 @@
 """Serving a trained dual encoder: texts in, unit-norm float32 embeddings out.
 
-    encoder = Encoder.load("runs/base")                # a samtone-train MODEL_DIR (or an export)
+    encoder = Encoder.load("runs/base")            # a run, a converted checkpoint, an export
     query_embeddings = encoder.encode_queries(["what is samtone?"])       # [1, D]
     passage_embeddings = encoder.encode_passages(passages)                # [N, D]
     scores = query_embeddings @ passage_embeddings.T                      # cosines
 
-For a run directory, the model comes from its manifest (`model.json`, samtone.run_manifest)
-and only the parameters of a checkpoint are read (never the optimiser state), laid out over
-the available devices by the run's own logical-axis rules. Nothing here imports Gin or the
-optimisers. An export directory (samtone.export) runs its StableHLO modules instead: no Flax
-model code at all. `tower_encoder` is the one jitted, sharded tower function, shared with
-evaluation during training.
+`Encoder.load(path)` takes
+  - a samtone-train MODEL_DIR or a samtone-convert output (checkpoint `step`, default the
+    newest): the model comes from its manifest (`model.json`, samtone.run_manifest) and only
+    the parameters of the checkpoint are read (never the optimiser state);
+  - a samtone-export folder of any format (samtone.export; its manifest is
+    samtone_export.json): `jax` runs its StableHLO modules (no Flax model code at all);
+    `sentence_transformers` and `saved_model` folders have their weights read back into
+    samtone's parameters (no torch, no TensorFlow).
+Parameters are laid out over the available devices by the model's own logical-axis rules,
+so a model larger than one device loads. Nothing here imports Gin or the optimisers.
+`tower_encoder` is the one jitted, sharded tower function, shared with evaluation during
+training.
 
-Texts are tokenised and encoded `batch_size` at a time, the last batch padded to full size,
-so each tower's jitted function compiles once whatever the number of texts.
+Texts are tokenised and encoded `batch_size` at a time in length buckets (samtone.encoding),
+the last batch of each bucket padded to full size, so each tower's jitted function compiles
+a few times (once per bucket length) whatever the number and lengths of texts.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
-import safetensors.numpy
 from absl import logging
-from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from samtone import evaluate
+from samtone import encoding
+from samtone import export
 from samtone import partitioning
 from samtone import run_manifest
-from samtone.checkpoints import manager as checkpoint_lib
 from samtone.data.tokenizer import Tokenizer
-from samtone.errors import ConfigError, MissingFileError
+from samtone.errors import ConfigError
+from samtone.export import manifest as export_manifest
+from samtone.export import params as export_params
+from samtone.export import stablehlo
 
 EncodeFn = Callable[[np.ndarray], Any]
-
-# The files of an export directory (written by samtone.export, read by load_exported).
-EXPORT_FORMAT_VERSION = 1
-CONFIG_FILE = "config.json"
-PARAMS_FILE = "params.safetensors"
-VOCABULARY_FILE = "spm.model"
-ENCODER_METHODS = ("encode_queries", "encode_passages")
-
-
-def encoder_file(method: str) -> str:
-    """File name of the serialised StableHLO of `method` ("encode_queries", ...)."""
-    return f"{method}.stablehlo"
 
 
 @dataclasses.dataclass
@@ -59,7 +54,9 @@ class Encoder:
 
     `query_encoder` / `passage_encoder` map int32 token ids [batch, length] to [batch, D]
     embeddings; `encode_queries` / `encode_passages` take texts and call them on batches of
-    exactly `batch_size` rows.
+    exactly `batch_size` rows, `length` a bucket length (samtone.encoding) when
+    `length_buckets`, else always the full query / passage length (for towers of one fixed
+    length, such as exported StableHLO).
     """
 
     query_encoder: EncodeFn
@@ -69,31 +66,47 @@ class Encoder:
     passage_length: int
     step: int
     batch_size: int = 128
+    length_buckets: bool = True
 
-    def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
-        """Unit-norm float32 embeddings [len(texts), D] of query texts."""
-        return self._encode(self.query_encoder, texts, self.query_length)
+    def encode_queries(self, texts: Sequence[str], *, progress: bool | None = None
+                       ) -> np.ndarray:
+        """Unit-norm float32 embeddings [len(texts), D] of query texts, in their order."""
+        return self._encode(self.query_encoder, texts, self.query_length, progress, "query")
 
-    def encode_passages(self, texts: Sequence[str]) -> np.ndarray:
-        """Unit-norm float32 embeddings [len(texts), D] of passage texts."""
-        return self._encode(self.passage_encoder, texts, self.passage_length)
+    def encode_passages(self, texts: Sequence[str], *, progress: bool | None = None
+                        ) -> np.ndarray:
+        """Unit-norm float32 embeddings [len(texts), D] of passage texts, in their order."""
+        return self._encode(self.passage_encoder, texts, self.passage_length, progress,
+                            "passage")
 
-    def _encode(self, encoder: EncodeFn, texts: Sequence[str], length: int) -> np.ndarray:
+    def passage_chunks(self, texts: Sequence[str], *, progress: bool | None = None
+                       ) -> Iterator[np.ndarray]:
+        """`encode_passages` of consecutive windows of `texts`, yielded as they are ready
+        (a corpus of millions streams into samtone.search.PassageIndex.from_chunks)."""
+        return encoding.encode_chunks(self.passage_encoder, self.tokenizer, texts,
+                                      self.passage_length, self.batch_size,
+                                      buckets=self.length_buckets, progress=progress,
+                                      unit="passage")
+
+    def _encode(self, encoder: EncodeFn, texts: Sequence[str], length: int,
+                progress: bool | None, unit: str) -> np.ndarray:
         if isinstance(texts, str):
             raise TypeError("encode_queries / encode_passages take a list of texts, got one "
                             f"string ({texts[:40]!r}); wrap it in a list")
-        return evaluate.encode_texts(encoder, self.tokenizer, texts, length, self.batch_size)
+        return encoding.encode_texts(encoder, self.tokenizer, texts, length, self.batch_size,
+                                     buckets=self.length_buckets, progress=progress, unit=unit)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, step: int | None = None,
              batch_size: int = 128) -> Encoder:
-        """The encoder of a samtone-train MODEL_DIR (checkpoint `step`, default the newest)
-        or of a samtone-export directory (which holds one step)."""
+        """The encoder of a samtone-train MODEL_DIR or samtone-convert output (checkpoint
+        `step`, default the newest), or of a samtone-export folder of any format (which
+        holds one step)."""
         path = os.fspath(path)
-        if (epath.Path(path) / CONFIG_FILE).exists():
+        if export_manifest.is_export(path):
             if step is not None:
                 raise ConfigError(f"{path} is an export, which holds one step only; --step "
-                                  "applies to training MODEL_DIRs")
+                                  "applies to MODEL_DIRs")
             return load_exported(path, batch_size=batch_size)
         return load_run(path, step=step, batch_size=batch_size)
 
@@ -134,80 +147,59 @@ def token_sharding(mesh: Mesh, rules, batch_size: int):
 # --- a samtone-train MODEL_DIR -------------------------------------------------------------
 
 
-def serving_mesh(model_parallel: int) -> Mesh:
-    """All devices, `model_parallel` of them per model copy when that divides their number."""
-    count = jax.device_count()
-    model_axis = model_parallel if model_parallel >= 1 and count % model_parallel == 0 else 1
-    return partitioning.make_mesh((-1, model_axis))
-
-
 def load_run(model_dir: str | os.PathLike, *, step: int | None = None,
              batch_size: int = 128) -> Encoder:
-    """The encoder of checkpoint `step` (default: the newest) of a samtone-train MODEL_DIR."""
-    manifest = run_manifest.read(model_dir)
-    model = manifest.model()
-    rules = manifest.logical_axis_rules
-    rules = (partitioning.logical_axis_rules(rules) if isinstance(rules, str)
-             else tuple(tuple(rule) for rule in rules))
-    mesh = serving_mesh(manifest.model_parallel)
-    init = partitioning.params_initializer(
-        model, mesh, rules, [(1, manifest.query_length), (1, manifest.passage_length)],
-        jax.random.PRNGKey(0))
-    param_shardings = partitioning.tree_shardings(jax.eval_shape(init), mesh, rules)
-    params, restored_step = checkpoint_lib.read_params(
-        epath.Path(model_dir) / "checkpoints", step=step, shardings=param_shardings)
+    """The encoder of checkpoint `step` (default: the newest) of a samtone-train MODEL_DIR or
+    a samtone-convert output."""
+    run = run_manifest.read(model_dir)
+    params, restored_step, shardings, mesh = run_manifest.read_params(model_dir, run, step=step)
     logging.info("restored the parameters of step %d of %s", restored_step, model_dir)
+    return flax_encoder(run, params, shardings, mesh, step=restored_step, batch_size=batch_size)
+
+
+def flax_encoder(run: run_manifest.RunManifest, params: Any, shardings: Any, mesh: Mesh, *,
+                 step: int, batch_size: int) -> Encoder:
+    """The Encoder of `run`'s model with `params` placed on `shardings` over `mesh`."""
+    if not run.vocabulary:
+        raise ConfigError("the model has no vocabulary (spm.model): it was converted without "
+                          "one; run samtone-convert again with --vocabulary=SPM_MODEL")
+    model, rules = run.model(), run.rules()
     tokens = token_sharding(mesh, rules, batch_size)
 
     def bound(method: str) -> EncodeFn:
-        encode = tower_encoder(model, method, param_shardings, tokens, mesh, rules)
+        encode = tower_encoder(model, method, shardings, tokens, mesh, rules)
         return lambda token_ids: encode(params, token_ids)
 
-    return Encoder(bound("encode_queries"), bound("encode_passages"),
-                   Tokenizer(manifest.vocabulary), manifest.query_length,
-                   manifest.passage_length, restored_step, batch_size)
+    return Encoder(bound("encode_queries"), bound("encode_passages"), Tokenizer(run.vocabulary),
+                   run.query_length, run.passage_length, step, batch_size)
 
 
-
-
-# --- a samtone-export directory -----------------------------------------------------------
-
-
-def read_export_config(export_dir: str | os.PathLike) -> dict:
-    """config.json of an export directory, after checking its files are all there."""
-    directory = epath.Path(export_dir)
-    expected = [CONFIG_FILE, PARAMS_FILE, VOCABULARY_FILE,
-                *(encoder_file(method) for method in ENCODER_METHODS)]
-    missing = [name for name in expected if not (directory / name).exists()]
-    if missing:
-        raise MissingFileError(f"{directory} is not a complete samtone-export directory: "
-                                f"missing {', '.join(missing)}")
-    config = json.loads((directory / CONFIG_FILE).read_text())
-    version = config.get("format_version")
-    if version != EXPORT_FORMAT_VERSION:
-        raise ConfigError(f"{directory / CONFIG_FILE} has format_version {version!r}; this "
-                         f"samtone reads version {EXPORT_FORMAT_VERSION}")
-    return config
+# --- a samtone-export folder --------------------------------------------------------------
 
 
 def load_exported(export_dir: str | os.PathLike, *, batch_size: int = 128) -> Encoder:
-    """The encoders of a samtone-export directory, run from its StableHLO modules.
+    """The encoders of a samtone-export folder of any format (samtone_export.json says which).
 
-    The parameters are read once (params.safetensors) and placed on the default device; each
-    tower's module is deserialised and jitted. Its platforms are those it was exported for
-    (config.json "platforms"); calling it elsewhere fails with JAX's error naming both.
+    `jax`: the parameters (params.safetensors) are placed on the default device and each
+    tower's StableHLO module is deserialised and jitted; it runs on the platforms it was
+    exported for (the manifest's "platforms"), elsewhere JAX's error names both.
+    `sentence_transformers`, `saved_model`: the weights are read back into samtone's
+    parameters, laid out over the available devices by the model's rules, and run by the
+    Flax model the manifest describes.
     """
-    directory = epath.Path(export_dir)
-    config = read_export_config(directory)
-    params = jax.device_put(safetensors.numpy.load_file(os.fspath(directory / PARAMS_FILE)))
-    tokenizer = Tokenizer(os.fspath(directory / VOCABULARY_FILE))
-
-    def encoder(method: str) -> EncodeFn:
-        serialized = (directory / encoder_file(method)).read_bytes()
-        exported = jax.export.deserialize(bytearray(serialized))
-        call = jax.jit(exported.call)
-        return lambda tokens: call(params, tokens)
-
-    return Encoder(encoder("encode_queries"), encoder("encode_passages"), tokenizer,
-                           config["query_length"], config["passage_length"], config["step"],
-                           batch_size)
+    export_dir = os.fspath(export_dir)
+    manifest = export_manifest.read(export_dir)
+    run = manifest.run
+    if manifest.format == "jax":
+        flat = stablehlo.read_params(export_dir)
+        export_params.check_params(export_params.unflatten_params(flat), run.model(),
+                                   where=export_dir)
+        encoders = stablehlo.read_encoders(export_dir, jax.device_put(flat))
+        return Encoder(encoders["encode_queries"], encoders["encode_passages"],
+                       Tokenizer(run.vocabulary), run.query_length, run.passage_length,
+                       manifest.step, batch_size, length_buckets=False)  # fixed lengths
+    _, params = export.read_export_params(export_dir)
+    mesh = run.serving_mesh()
+    _, shardings = run.params_layout(mesh)
+    return flax_encoder(run, jax.device_put(params, shardings), shardings, mesh,
+                        step=manifest.step, batch_size=batch_size)

@@ -1,176 +1,177 @@
-"""Retrieval and rank-correlation metrics: pure numpy over a score matrix and qrels.
+"""Retrieval metrics of a run (each query's top-k list) against graded qrels, as trec_eval
+computes them; and rank / linear correlations for graded (STS) pairs. Pure numpy, vectorised.
 
 Inputs:
-  scores  float [Nq, Np], higher = more similar (query i vs passage j).
-  qrels   dict[int, dict[int, int]]: query index -> passage index -> graded relevance.
-          A passage is relevant when its grade is > 0; grades <= 0 are the same as absent.
+  run     int [Nq, K] corpus indices, row i the ranked list of query i, best first; -1 marks
+          an empty slot (fewer than K results). `trec_order` puts a scored list in the order
+          trec_eval reads it.
+  qrels   `Qrels`: parallel arrays (query index, passage index, grade). A passage is relevant
+          when its grade is > 0 (trec_eval's relevance level 1 for integer grades).
 
-Conventions (kept identical across every function here):
-  * Ranking: passages sorted by descending score; exact ties are broken by passage index,
-    the lower index ranking first. Ranks start at 1.
-  * Queries without any passage of relevance > 0 are skipped: they add nothing to the
-    numerator or the denominator of the mean (ranx does the same for queries missing from
-    its qrels under `make_comparable=True`; note ranx scores a query whose qrels hold only
-    zero grades as 0, where we skip it). If no query remains, the result is nan.
-  * nDCG uses trec_eval's (and ranx's "ndcg") linear gain, gain = rel, with the discount
-    1 / log2(rank + 1); `gain="exponential"` gives 2^rel - 1 (ranx's "ndcg_burges").
+Conventions, those of trec_eval (and so of pytrec_eval and BEIR's published numbers):
+  * The evaluated queries are those that appear in the qrels, whatever their grades: a query
+    whose judgements are all 0, or none of whose relevant passages is retrieved, scores 0
+    and counts in the mean.
+  * A run is ranked by descending score; equal scores rank the larger document id first
+    (trec_eval compares document ids with strcmp: "d2" before "d10" before "d1").
+  * nDCG@k uses the linear gain (gain = grade) and the discount 1 / log2(rank + 1); the ideal
+    ranking is that of every relevant passage in the qrels, retrieved or not.
+  * MRR@k = 1 / rank of the first relevant passage within the top k, else 0.
+  * Recall@k = relevant passages in the top k / relevant passages in the qrels (0 if none).
 
-Every metric only needs the rank of each relevant passage, which is computed exactly from
-the scores row (rank = #higher scores + #equal scores at lower index + 1) without sorting
-the whole corpus. `relevant_ranks` exposes that step so callers can score a large corpus in
-blocks of queries and average afterwards (see samtone.evaluate.retrieval_metrics).
+Only the top-k lists are needed, never the full score matrix, so a corpus of millions costs
+O(Nq K) here (the search itself is samtone.search).
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping, NamedTuple, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-Qrels = Mapping[int, Mapping[int, int]]
-
-_MAX_COMPARISONS = 1 << 24
-
-
-class RelevantRanks(NamedTuple):
-    """The ranks (1-based, ascending) of one query's relevant passages, with their grades."""
-
-    ranks: np.ndarray  # int64 [R]
-    grades: np.ndarray  # float64 [R], all > 0, aligned with ranks
+# The report of samtone-eval and of evaluation during training, in this order.
+RETRIEVAL_METRICS = ("P@1", "MRR@10", "NDCG@10", "Recall@1", "Recall@10", "Recall@100")
+# The run depth those need: Recall@100 reads the top 100.
+REQUIRED_DEPTH = 100
 
 
-def relevant_ranks(
-    scores: np.ndarray, qrels: Qrels, query_indices: Sequence[int] | None = None
-) -> list[RelevantRanks]:
-    """Ranks of the relevant passages of each query that has at least one.
+class Qrels(NamedTuple):
+    """Relevance judgements as parallel arrays; one entry per judged (query, passage) pair."""
+
+    queries: np.ndarray  # int64 [M] query index (a row of the run)
+    passages: np.ndarray  # int64 [M] corpus index
+    grades: np.ndarray  # float64 [M]; > 0 relevant
+
+    @classmethod
+    def from_dict(cls, qrels: Mapping[int, Mapping[int, float]]) -> Qrels:
+        """From {query index: {passage index: grade}}."""
+        triples = [(int(q), int(p), float(g)) for q, judged in qrels.items()
+                   for p, g in judged.items()]
+        queries, passages, grades = (np.array(column, dtype) for column, dtype in zip(
+            zip(*triples) if triples else ((), (), ()), (np.int64, np.int64, np.float64)))
+        return cls(queries, passages, grades)
+
+    def evaluated_queries(self) -> np.ndarray:
+        """The query indices that count in the means: every query with a judgement."""
+        return np.unique(self.queries)
+
+
+def trec_order(scores: np.ndarray, indices: np.ndarray, id_order: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Each row of a scored top-k list re-sorted as trec_eval ranks it.
 
     Args:
-      scores: [Nq, Np] scores; row r belongs to query `query_indices[r]`.
-      qrels: query index -> passage index -> grade (global indices).
-      query_indices: the query index of each row; defaults to range(Nq). Lets a caller pass
-        one block of rows of a larger score matrix.
+      scores: float [Nq, K]; -inf where `indices` is -1.
+      indices: int [Nq, K] corpus indices, -1 for an empty slot.
+      id_order: int [N], each passage's position when the document ids are sorted
+        ascending (`id_order(ids)`); breaks ties, the larger id first.
 
     Returns:
-      One RelevantRanks per row whose query has a relevant passage, in row order.
+      (scores, indices) by descending score, ties by descending document id, empty last.
     """
-    scores = np.asarray(scores)
-    if scores.ndim != 2:
-        raise ValueError(f"scores must be a [num_queries, num_passages] matrix, got shape {scores.shape}")
-    num_rows, num_passages = scores.shape
-    if query_indices is None:
-        query_indices = range(num_rows)
-        _check_query_indices(qrels, num_rows)
-    elif len(query_indices) != num_rows:
-        raise ValueError(f"{len(query_indices)} query_indices for {num_rows} score rows")
-    passage_positions = np.arange(num_passages)
-    # Relevant passages compared against the whole row at a time, bounding the temporary
-    # [chunk, Np] comparison matrices to about _MAX_COMPARISONS elements.
-    chunk = max(1, _MAX_COMPARISONS // max(num_passages, 1))
-    result = []
-    for row, query in enumerate(query_indices):
-        judged = {p: g for p, g in qrels.get(int(query), {}).items() if g > 0}
-        if not judged:
-            continue
-        passages = np.fromiter(judged.keys(), dtype=np.int64, count=len(judged))
-        if passages.min() < 0 or passages.max() >= num_passages:
-            bad = int(passages[(passages < 0) | (passages >= num_passages)][0])
-            raise ValueError(
-                f"qrels[{query}] names passage {bad}, but there are {num_passages} passages"
-            )
-        grades = np.fromiter(judged.values(), dtype=np.float64, count=len(judged))
-        row_scores = scores[row]
-        if np.isnan(row_scores).any():
-            raise ValueError(f"scores for query {query} contain NaN")
-        ranks = np.concatenate([
-            _ranks_of(row_scores, passages[start:start + chunk], passage_positions)
-            for start in range(0, len(passages), chunk)
-        ])
-        order = np.argsort(ranks, kind="stable")
-        result.append(RelevantRanks(ranks[order].astype(np.int64), grades[order]))
+    scores, indices = np.asarray(scores), np.asarray(indices, np.int64)
+    missing = indices < 0
+    tie_break = np.where(missing, -1, np.asarray(id_order)[np.where(missing, 0, indices)])
+    # lexsort: the last key is the primary one. Empty slots go last whatever their score.
+    order = np.lexsort((-tie_break, -scores.astype(np.float64), missing), axis=-1)
+    return np.take_along_axis(scores, order, -1), np.take_along_axis(indices, order, -1)
+
+
+def id_order(ids: Sequence[str]) -> np.ndarray:
+    """int64 [N]: the rank of each id among `ids` sorted ascending by code point (= strcmp on
+    UTF-8 bytes, as trec_eval compares them)."""
+    order = np.argsort(np.asarray(ids, dtype=str), kind="stable")
+    ranks = np.empty(len(order), np.int64)
+    ranks[order] = np.arange(len(order))
+    return ranks
+
+
+def run_grades(run: np.ndarray, qrels: Qrels) -> np.ndarray:
+    """float64 [Nq, K]: the grade of each retrieved passage (0 if unjudged or empty)."""
+    run = np.asarray(run, np.int64)
+    if run.ndim != 2:
+        raise ValueError(f"a run must be [num_queries, k] corpus indices, got shape {run.shape}")
+    if not len(qrels.queries):
+        return np.zeros(run.shape)
+    width = max(int(qrels.passages.max()), int(run.max(initial=0))) + 1
+    keys = qrels.queries * width + qrels.passages
+    order = np.argsort(keys)
+    sorted_keys, sorted_grades = keys[order], qrels.grades[order]
+    duplicates = np.flatnonzero(sorted_keys[1:] == sorted_keys[:-1])
+    if len(duplicates):
+        key = sorted_keys[duplicates[0]]
+        raise ValueError(f"qrels judge query {key // width} and passage {key % width} twice")
+    run_keys = np.arange(len(run))[:, None] * width + run
+    position = np.minimum(np.searchsorted(sorted_keys, run_keys), len(sorted_keys) - 1)
+    found = (sorted_keys[position] == run_keys) & (run >= 0)
+    return np.where(found, sorted_grades[position], 0.0)
+
+
+def per_query_metrics(run: np.ndarray, qrels: Qrels,
+                      names: Sequence[str] = RETRIEVAL_METRICS) -> dict[str, np.ndarray]:
+    """Each metric of `names` for each evaluated query (ascending query index).
+
+    Names: "P@k", "MRR@k", "NDCG@k", "Recall@k" for any k. The run must hold a row for every
+    query the qrels name.
+    """
+    run = np.asarray(run, np.int64)
+    queries = qrels.evaluated_queries()
+    if len(queries) and (queries[0] < 0 or queries[-1] >= len(run)):
+        bad = queries[(queries < 0) | (queries >= len(run))][0]
+        raise ValueError(f"qrels name query {bad}, but the run has {len(run)} rows")
+    if len(qrels.passages) and qrels.passages.min() < 0:
+        raise ValueError(f"qrels name passage {qrels.passages.min()}")
+    grades = run_grades(run, qrels)[queries]
+    relevant = grades > 0
+    positive = qrels.grades > 0
+    num_relevant = np.bincount(qrels.queries[positive], minlength=len(run))[queries]
+    result = {}
+    for name in names:
+        kind, k = _parse_name(name)
+        top = relevant[:, :k]
+        if kind == "P":
+            value = top.sum(axis=1) / k
+        elif kind == "MRR":
+            first = np.argmax(top, axis=1)
+            value = np.where(top.any(axis=1), 1.0 / (first + 1), 0.0)
+        elif kind == "Recall":
+            value = np.divide(top.sum(axis=1), num_relevant, out=np.zeros(len(queries)),
+                              where=num_relevant > 0)
+        else:  # NDCG
+            gains = np.where(relevant, grades, 0.0)[:, :k]
+            dcg = np.sum(gains / np.log2(np.arange(2, gains.shape[1] + 2)), axis=1)
+            ideal = _ideal_dcg(qrels, k, len(run))[queries]
+            value = np.divide(dcg, ideal, out=np.zeros(len(queries)), where=ideal > 0)
+        result[name] = value
     return result
 
 
-def _ranks_of(row_scores: np.ndarray, passages: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """1-based ranks of `passages` in one row: higher scores first, ties by lower index."""
-    own = row_scores[passages][:, None]
-    higher = np.count_nonzero(row_scores[None, :] > own, axis=1)
-    tied_before = np.count_nonzero((row_scores[None, :] == own) & (positions[None, :] < passages[:, None]), axis=1)
-    return higher + tied_before + 1
+def retrieval_metrics(run: np.ndarray, qrels: Qrels,
+                      names: Sequence[str] = RETRIEVAL_METRICS) -> dict[str, float]:
+    """The mean over evaluated queries of each metric of `names` (nan if no query)."""
+    return {name: float(np.mean(values)) if len(values) else float("nan")
+            for name, values in per_query_metrics(run, qrels, names).items()}
 
 
-def _check_query_indices(qrels: Qrels, num_queries: int) -> None:
-    for query in qrels:
-        if not 0 <= int(query) < num_queries:
-            raise ValueError(f"qrels names query {query}, but scores has {num_queries} rows")
+def _parse_name(name: str) -> tuple[str, int]:
+    kind, _, k = name.partition("@")
+    if kind not in ("P", "MRR", "NDCG", "Recall") or not k.isdigit() or int(k) < 1:
+        raise ValueError(f"unknown metric {name!r}; expected P@k, MRR@k, NDCG@k or Recall@k")
+    return kind, int(k)
 
 
-# Per-query metrics on one RelevantRanks. `k=None` means no cut-off.
+def _ideal_dcg(qrels: Qrels, k: int, num_queries: int) -> np.ndarray:
+    """float64 [num_queries]: the DCG@k of each query's relevant passages in grade order."""
+    positive = qrels.grades > 0
+    queries, grades = qrels.queries[positive], qrels.grades[positive]
+    order = np.lexsort((-grades, queries))  # by query, then grade descending
+    queries, grades = queries[order], grades[order]
+    position = np.arange(len(queries)) - np.searchsorted(queries, queries, side="left")
+    kept = position < k
+    return np.bincount(queries[kept], weights=grades[kept] / np.log2(position[kept] + 2.0),
+                       minlength=num_queries)
 
 
-def reciprocal_rank(query: RelevantRanks, k: int | None = None) -> float:
-    best = int(query.ranks[0])
-    return 1.0 / best if k is None or best <= k else 0.0
-
-
-def recall(query: RelevantRanks, k: int) -> float:
-    return float(np.count_nonzero(query.ranks <= k)) / len(query.ranks)
-
-
-def ndcg(query: RelevantRanks, k: int, gain: str = "linear") -> float:
-    gains = _gains(query.grades, gain)
-    retrieved = query.ranks <= k
-    dcg = np.sum(gains[retrieved] / np.log2(query.ranks[retrieved] + 1.0))
-    ideal = np.sort(gains)[::-1][:k]
-    idcg = np.sum(ideal / np.log2(np.arange(2, len(ideal) + 2)))
-    return float(dcg / idcg)
-
-
-def _gains(grades: np.ndarray, gain: str) -> np.ndarray:
-    if gain == "linear":
-        return grades
-    if gain == "exponential":
-        return np.exp2(grades) - 1.0
-    raise ValueError(f"gain must be 'linear' or 'exponential', got {gain!r}")
-
-
-def _mean(values: Iterable[float]) -> float:
-    values = list(values)
-    return float(np.mean(values)) if values else float("nan")
-
-
-# Averages over queries with a relevant passage.
-
-
-def precision_at_1(scores: np.ndarray, qrels: Qrels) -> float:
-    """Fraction of queries whose top-ranked passage is relevant."""
-    return _mean(float(q.ranks[0] == 1) for q in relevant_ranks(scores, qrels))
-
-
-def mean_reciprocal_rank(scores: np.ndarray, qrels: Qrels, k: int | None = None) -> float:
-    """Mean of 1 / rank of the first relevant passage (0 if that rank exceeds k)."""
-    return _mean(reciprocal_rank(q, k) for q in relevant_ranks(scores, qrels))
-
-
-def ndcg_at_k(scores: np.ndarray, qrels: Qrels, k: int = 10, gain: str = "linear") -> float:
-    """Mean nDCG@k: sum_{rank<=k} gain(rel) / log2(rank + 1), over the ideal ordering's value."""
-    return _mean(ndcg(q, k, gain) for q in relevant_ranks(scores, qrels))
-
-
-def recall_at_k(scores: np.ndarray, qrels: Qrels, k: int = 10) -> float:
-    """Mean fraction of a query's relevant passages ranked in the top k."""
-    return _mean(recall(q, k) for q in relevant_ranks(scores, qrels))
-
-
-def summarize(queries: Sequence[RelevantRanks], k: int = 10) -> dict[str, float]:
-    """The standard report over precomputed ranks: p@1, uncut MRR, nDCG@k, recall@k."""
-    return {
-        "p@1": _mean(float(q.ranks[0] == 1) for q in queries),
-        "mrr": _mean(reciprocal_rank(q) for q in queries),
-        f"ndcg@{k}": _mean(ndcg(q, k) for q in queries),
-        f"recall@{k}": _mean(recall(q, k) for q in queries),
-    }
-
-
-# Rank correlation.
+# --- correlation of graded pairs ---------------------------------------------------------
 
 
 def average_ranks(values: np.ndarray) -> np.ndarray:
@@ -178,9 +179,9 @@ def average_ranks(values: np.ndarray) -> np.ndarray:
     values = np.asarray(values, dtype=np.float64)
     order = np.argsort(values, kind="stable")
     sorted_values = values[order]
-    # Start index of each run of equal values, and the run each sorted position belongs to.
-    starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])
-    run_of = np.cumsum(np.r_[True, sorted_values[1:] != sorted_values[:-1]]) - 1
+    new_run = np.r_[True, sorted_values[1:] != sorted_values[:-1]]
+    starts = np.flatnonzero(new_run)
+    run_of = np.cumsum(new_run) - 1
     ends = np.r_[starts[1:], len(values)]
     run_rank = (starts + 1 + ends) / 2.0  # mean of ranks starts+1 .. ends
     ranks = np.empty(len(values))
@@ -188,14 +189,21 @@ def average_ranks(values: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman's rho: Pearson correlation of average ranks (nan if either side is constant)."""
-    x, y = np.ravel(x), np.ravel(y)
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson's r (nan if either side is constant or there are fewer than 2 values)."""
+    x, y = np.ravel(x).astype(np.float64), np.ravel(y).astype(np.float64)
     if x.shape != y.shape:
-        raise ValueError(f"spearman needs equal lengths, got {x.shape[0]} and {y.shape[0]}")
+        raise ValueError(f"correlation needs equal lengths, got {x.shape[0]} and {y.shape[0]}")
     if len(x) < 2:
         return float("nan")
-    rx, ry = average_ranks(x), average_ranks(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    denominator = np.sqrt(np.sum(rx * rx) * np.sum(ry * ry))
-    return float(np.sum(rx * ry) / denominator) if denominator > 0 else float("nan")
+    x, y = x - x.mean(), y - y.mean()
+    denominator = np.sqrt(np.sum(x * x) * np.sum(y * y))
+    return float(np.sum(x * y) / denominator) if denominator > 0 else float("nan")
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's rho: Pearson's r of average ranks (nan if either side is constant)."""
+    x, y = np.ravel(x), np.ravel(y)
+    if x.shape != y.shape:
+        raise ValueError(f"correlation needs equal lengths, got {x.shape[0]} and {y.shape[0]}")
+    return pearson(average_ranks(x), average_ranks(y))

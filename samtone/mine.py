@@ -1,7 +1,7 @@
 """Hard-negative mining with a trained dual encoder, and the `samtone-mine` command line.
 
     samtone-mine --model_dir=runs/base --train_data=pairs.jsonl --output=pairs_hn.jsonl --k=4 \
-        [--corpus=corpus.jsonl] [--margin=0.05]
+        [--corpus=corpus.jsonl] [--margin=0.05] [--approximate]
 
 writes the training examples again with `negatives`: for each query, the k corpus passages
 its trained encoders rank highest among those that are not its positives. The output feeds
@@ -16,33 +16,38 @@ known answer often is one. The mined negatives are the k best candidates, best f
 by lower corpus index. m = 0 drops anything scoring above the weakest positive; m < 0 lets
 candidates up to |m| above it through. Queries with no positives get no threshold.
 
-Memory. Queries are scored in blocks, so at most `block_size x len(corpus)` scores exist at
-once (default: blocks of ~2^26 scores, 256 MB), and `np.argpartition` picks each row's top k
-in O(len(corpus)); the embeddings themselves (corpus x dimension float32) must fit in host
-memory.
+Scale. The search is samtone.search's: the corpus embeddings live on the device mesh, sharded
+by rows, and queries are scored in chunks with a running top k per block of rows, so neither
+host nor device ever holds a [queries x corpus] score matrix. The corpus streams from the
+encoder into the index window by window (each process keeping its devices' rows), so a
+corpus of millions needs about one shard of host memory; `approximate` uses
+`jax.lax.approx_max_k` with a recall target instead of exact top k.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-from typing import Sequence
+import time
+from typing import Iterable, Iterator, Sequence
 
 import jax
 import numpy as np
 from absl import logging
+from jax.sharding import Mesh
 
 from samtone import evaluate
+from samtone import search
 from samtone.data import files
 from samtone.inference import Encoder
 from samtone.normalize import l2_normalize
 
-MAX_SCORES_IN_MEMORY = 1 << 26
-
 
 def mine_hard_negatives(query_embeddings: np.ndarray, passage_embeddings: np.ndarray,
                         positives: Sequence[set[int]], *, k: int, margin: float | None = None,
-                        block_size: int | None = None) -> list[list[int]]:
+                        block_size: int | None = None, mesh: Mesh | None = None,
+                        approximate: bool = False,
+                        recall_target: float = 0.95) -> list[list[int]]:
     """For each query, the indices of its k hardest non-positive passages (see module doc).
 
     Args:
@@ -51,7 +56,9 @@ def mine_hard_negatives(query_embeddings: np.ndarray, passage_embeddings: np.nda
       positives: Nq sets of corpus indices, each query's known positives; never returned.
       k: negatives per query; fewer are returned when fewer candidates remain.
       margin: if set, drop candidates scoring above (weakest positive score - margin).
-      block_size: queries scored at once (default: ~2^26 scores per block).
+      block_size: queries scored at once (default: samtone.search's chunk).
+      mesh: the devices holding the corpus (default: all).
+      approximate, recall_target: `jax.lax.approx_max_k` instead of exact top k.
 
     Returns:
       Nq lists of corpus indices, highest score first.
@@ -61,52 +68,51 @@ def mine_hard_negatives(query_embeddings: np.ndarray, passage_embeddings: np.nda
     if queries.ndim != 2 or passages.ndim != 2 or queries.shape[1] != passages.shape[1]:
         raise ValueError(f"need [Nq, D] query and [Np, D] passage embeddings, got "
                          f"{queries.shape} and {passages.shape}")
-    if len(positives) != len(queries):
-        raise ValueError(f"got {len(positives)} positive sets for {len(queries)} queries")
+    _check_positives(positives, len(queries), len(passages))
+    index = search.PassageIndex.from_embeddings(passages, mesh)
+    return mine_index(index, queries, positives, passages, k=k, margin=margin,
+                      block_size=block_size, approximate=approximate,
+                      recall_target=recall_target)
+
+
+def mine_index(index: search.PassageIndex, queries: np.ndarray,
+               positives: Sequence[set[int]], positive_embeddings: np.ndarray, *, k: int,
+               margin: float | None = None, block_size: int | None = None,
+               approximate: bool = False, recall_target: float = 0.95,
+               progress: bool | None = None) -> list[list[int]]:
+    """`mine_hard_negatives` against a built index of unit-norm passages.
+
+    `queries` are unit-norm; `positive_embeddings` holds at least the rows of every index
+    in `positives` (the first rows of the corpus, say), unit-norm, for the margin rule.
+    """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if margin is not None and not np.isfinite(margin):
         raise ValueError(f"margin must be a finite number or None, got {margin}")
-    num_passages = len(passages)
+    if len(positives) != len(queries):
+        raise ValueError(f"got {len(positives)} positive sets for {len(queries)} queries")
+    ceilings = None
+    if margin is not None:
+        rows = np.repeat(np.arange(len(positives)), [len(p) for p in positives])
+        columns = np.fromiter((c for p in positives for c in sorted(p)), np.int64, len(rows))
+        weakest = np.full(len(positives), np.inf, np.float32)
+        np.minimum.at(weakest, rows, np.sum(queries[rows] * positive_embeddings[columns], axis=1))
+        ceilings = weakest - np.float32(margin)
+    _, indices = index.search(queries, k, exclude=positives, max_scores=ceilings,
+                              approximate=approximate, recall_target=recall_target,
+                              chunk_size=block_size, progress=progress)
+    return [row[row >= 0].tolist() for row in indices]
+
+
+def _check_positives(positives: Sequence[set[int]], num_queries: int,
+                     num_passages: int) -> None:
+    if len(positives) != num_queries:
+        raise ValueError(f"got {len(positives)} positive sets for {num_queries} queries")
     for i, positive in enumerate(positives):
         bad = [p for p in positive if not 0 <= p < num_passages]
         if bad:
             raise ValueError(f"query {i} has positives {bad} outside the corpus of "
                              f"{num_passages} passages")
-    if block_size is None:
-        block_size = max(1, MAX_SCORES_IN_MEMORY // max(num_passages, 1))
-    mined: list[list[int]] = []
-    for start in range(0, len(queries), block_size):
-        stop = min(start + block_size, len(queries))
-        scores = queries[start:stop] @ passages.T
-        mined.extend(_top_negatives(scores, positives[start:stop], k, margin))
-    return mined
-
-
-def _top_negatives(scores: np.ndarray, positives: Sequence[set[int]], k: int,
-                   margin: float | None) -> list[list[int]]:
-    """Top-k columns of each row of `scores` [b, Np] after masking; modifies `scores`."""
-    rows = np.repeat(np.arange(len(positives)), [len(p) for p in positives])
-    columns = np.fromiter((c for p in positives for c in sorted(p)), np.int64, len(rows))
-    if margin is not None:
-        weakest = np.full(len(positives), np.inf, np.float32)
-        np.minimum.at(weakest, rows, scores[rows, columns])
-        scores[scores > (weakest - np.float32(margin))[:, None]] = -np.inf
-    scores[rows, columns] = -np.inf
-    top = min(k, scores.shape[1])
-    best = np.argpartition(-scores, top - 1, axis=1)[:, :top]
-    best_scores = np.take_along_axis(scores, best, axis=1)
-    # A tie with the k-th score may have left a lower index out: redo those rows exactly.
-    kth = best_scores.min(axis=1)
-    tied = np.flatnonzero((scores >= kth[:, None]).sum(axis=1) > top)
-    for row in tied:
-        candidates = np.flatnonzero(scores[row] >= kth[row])
-        best[row] = candidates[np.lexsort((candidates, -scores[row, candidates]))][:top]
-        best_scores[row] = scores[row, best[row]]
-    order = np.lexsort((best, -best_scores), axis=1)
-    best = np.take_along_axis(best, order, axis=1)
-    best_scores = np.take_along_axis(best_scores, order, axis=1)
-    return [row[np.isfinite(row_scores)].tolist() for row, row_scores in zip(best, best_scores)]
 
 
 # --- mining a training file with a trained checkpoint ------------------------------------
@@ -145,8 +151,10 @@ class MiningStats:
 def mine_training_file(model_dir: str, train_data: files.PathOrPaths, output: str, *, k: int,
                        margin: float | None = None, corpus: files.PathOrPaths | None = None,
                        step: int | None = None, batch_size: int = 128,
-                       block_size: int | None = None,
-                       encoders: Encoder | None = None) -> MiningStats:
+                       block_size: int | None = None, encoders: Encoder | None = None,
+                       mesh: Mesh | None = None, approximate: bool = False,
+                       recall_target: float = 0.95,
+                       progress: bool | None = None) -> MiningStats:
     """Writes `train_data`'s examples to `output` (JSONL) with k mined `negatives` each.
 
     The corpus is the training passages plus `corpus`'s passages, deduplicated by text. A
@@ -156,7 +164,8 @@ def mine_training_file(model_dir: str, train_data: files.PathOrPaths, output: st
     """
     examples = files.read_examples(train_data)
     encoders = encoders or Encoder.load(model_dir, step=step, batch_size=batch_size)
-    passages = _unique([e.passage for e in examples] + (read_corpus(corpus) if corpus else []))
+    training_passages = _unique([e.passage for e in examples])
+    passages = _unique(training_passages + (read_corpus(corpus) if corpus else []))
     passage_index = {text: i for i, text in enumerate(passages)}
     queries = _unique([e.query for e in examples])
     query_index = {text: i for i, text in enumerate(queries)}
@@ -164,13 +173,29 @@ def mine_training_file(model_dir: str, train_data: files.PathOrPaths, output: st
     for example in examples:
         positives[query_index[example.query]].add(passage_index[example.passage])
 
-    logging.info("encoding %d queries and %d passages", len(queries), len(passages))
-    query_embeddings = evaluate.encode_texts(encoders.query_encoder, encoders.tokenizer,
-                                             queries, encoders.query_length, batch_size)
-    passage_embeddings = evaluate.encode_texts(encoders.passage_encoder, encoders.tokenizer,
-                                               passages, encoders.passage_length, batch_size)
-    mined = mine_hard_negatives(query_embeddings, passage_embeddings, positives, k=k,
-                                margin=margin, block_size=block_size)
+    started = time.perf_counter()
+    # The training passages come first in the corpus: keep their embeddings while they
+    # stream past, for the margin rule's positive scores.
+    kept: list[np.ndarray] = []
+    chunks = encoders.passage_chunks(passages, progress=progress)
+    if margin is not None:
+        chunks = _keeping_first(chunks, len(training_passages), kept)
+    index = evaluate.build_index(chunks, len(passages), mesh)
+    index.embeddings.block_until_ready()
+    encoded = time.perf_counter()
+    query_embeddings = l2_normalize(encoders.encode_queries(queries, progress=progress))
+    logging.info("encoded %d passages in %.1fs (%.0f passages/s) and %d queries in %.1fs "
+                 "(%.0f queries/s)", len(passages), encoded - started,
+                 len(passages) / max(encoded - started, 1e-9), len(queries),
+                 time.perf_counter() - encoded,
+                 len(queries) / max(time.perf_counter() - encoded, 1e-9))
+    started = time.perf_counter()
+    positive_embeddings = (l2_normalize(np.concatenate(kept)) if kept
+                           else np.zeros((0, query_embeddings.shape[1]), np.float32))
+    mined = mine_index(index, query_embeddings, positives, positive_embeddings, k=k,
+                       margin=margin, block_size=block_size, approximate=approximate,
+                       recall_target=recall_target, progress=progress)
+    logging.info("searched %d queries in %.1fs", len(queries), time.perf_counter() - started)
     complete = [e for e in examples if len(mined[query_index[e.query]]) >= k]
     if jax.process_index() == 0:  # every process mined the same; one writes
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
@@ -184,6 +209,17 @@ def mine_training_file(model_dir: str, train_data: files.PathOrPaths, output: st
                  "candidates; corpus of %d passages)", written, k, output, stats.dropped, k,
                  len(passages))
     return stats
+
+
+def _keeping_first(chunks: Iterable[np.ndarray], count: int,
+                   kept: list[np.ndarray]) -> Iterator[np.ndarray]:
+    """`chunks` unchanged, appending their first `count` rows to `kept` on the way."""
+    seen = 0
+    for chunk in chunks:
+        if seen < count:
+            kept.append(chunk[:count - seen])
+        seen += len(chunk)
+        yield chunk
 
 
 def _unique(texts: Sequence[str]) -> list[str]:

@@ -190,6 +190,34 @@ def batch_shardings(batch_abstract: Any, mesh: Mesh, rules: LogicalRules) -> Any
     return logical_shardings(specs, mesh, rules)
 
 
+def batch_shards(mesh: Mesh, rules: LogicalRules) -> int:
+    """Into how many pieces the rules split a batch's leading ('batch') axis on `mesh`."""
+    spec = batch_shardings(jax.ShapeDtypeStruct((1,), np.int32), mesh, rules).spec[0]
+    axes = () if spec is None else np.atleast_1d(spec).tolist()
+    return math.prod(mesh.shape[axis] for axis in axes)
+
+
+def process_batch_rows(mesh: Mesh, rules: LogicalRules, global_batch_size: int) -> np.ndarray:
+    """The rows of a global batch that this process's devices hold, ascending.
+
+    Processes holding the same rows (replicas along 'model', say, when that axis spans
+    processes) get the same rows, so they read the same examples; the rows of all processes
+    together are the whole batch. Refuses a batch the mesh cannot split evenly.
+    """
+    shards = batch_shards(mesh, rules)
+    if global_batch_size % shards:
+        raise ConfigError(
+            f"the global batch of {global_batch_size} (gin: BATCH_SIZE) cannot be split over "
+            f"the {shards} batch shards of the mesh {dict(mesh.shape)} ({jax.process_count()} "
+            f"processes); use a multiple of {shards}")
+    sharding = batch_shardings(jax.ShapeDtypeStruct((global_batch_size,), np.int32), mesh,
+                               rules)
+    rows = set()
+    for index in sharding.addressable_devices_indices_map((global_batch_size,)).values():
+        rows.update(range(*index[0].indices(global_batch_size)))
+    return np.array(sorted(rows), np.int64)
+
+
 def mesh_specs(shardings: Any) -> Any:
     """The mesh PartitionSpec of each NamedSharding of a tree (for tests and logs)."""
     return jax.tree.map(lambda s: s.spec, shardings,

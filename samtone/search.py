@@ -57,6 +57,9 @@ MAX_QUERIES_PER_DEVICE = 1 << 12
 
 MeshAxes = str | Sequence[str] | None
 
+# (layout, k, approximate, recall_target) -> the jitted search function.
+_SEARCH_FNS: dict[tuple, Callable] = {}
+
 
 @dataclasses.dataclass(frozen=True)
 class _Layout:
@@ -347,7 +350,12 @@ class PassageIndex:
         """The jitted (corpus, queries, ceilings) -> (scores, indices), one per (k, mode)."""
         key = (k, approximate, recall_target if approximate else None)
         if key not in self._search_fns:
-            self._search_fns[key] = _make_search_fn(self._layout, k, approximate, recall_target)
+            # Shared by every index of this layout: an index rebuilt for each evaluation
+            # during training reuses the compiled search.
+            shared = (self._layout, *key)
+            if shared not in _SEARCH_FNS:
+                _SEARCH_FNS[shared] = _make_search_fn(self._layout, k, approximate, recall_target)
+            self._search_fns[key] = _SEARCH_FNS[shared]
         return self._search_fns[key]
 
 

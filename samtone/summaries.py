@@ -100,5 +100,5 @@ class Progress:
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
-    """`P@1 0.9133 | MRR 0.9486 | ...` for logs."""
-    return " | ".join(f"{name.upper()} {value:.4f}" for name, value in metrics.items())
+    """`P@1 0.9133 | MRR@10 0.9486 | ...` for logs."""
+    return " | ".join(f"{name} {value:.4f}" for name, value in metrics.items())

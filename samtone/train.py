@@ -3,16 +3,23 @@
 The step (samtone.train_step) is `(state, batch) -> (state, metrics)`. Around it: this
 process's slice of each global batch in, metrics to the host every `log_every` steps only
 (samtone.summaries), orbax checkpoints every `checkpoint_every` steps and on a preemption
-notice (samtone.preemption), retrieval metrics on held-out pairs every `eval_every` steps and
-at the end (samtone.train_eval). Calling it again on the same model_dir resumes from the
+notice (samtone.preemption), retrieval metrics on EVAL_DATA (a BEIR folder's full corpus or
+held-out pairs) every `eval_every` steps and at the end (samtone.train_eval). Calling it again on the same model_dir resumes from the
 newest checkpoint, data position included, and reaches the same final state as a run that was
 never interrupted. The command line is samtone.cli.train.
+
+Shapes. With length buckets or packing (samtone.data.packing) a step's shapes vary with its
+batch: the one jitted step compiles once per shape and keeps each (jax.jit's cache; with
+`compilation_cache_dir`, also on disk, so a rerun or a resume compiles nothing). Every process
+derives the shapes from the global batch, so all agree. The next batch is copied to the
+devices before the current step's metrics can be waited on, so the copy overlaps the step.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -21,12 +28,14 @@ import optax
 from absl import logging
 from jax.sharding import Mesh
 
+from samtone import grad_cache
 from samtone import optimizers
 from samtone import partitioning
 from samtone import run_manifest
 from samtone import train_step as train_step_lib
 from samtone.checkpoints import manager as checkpoint_lib
 from samtone.checkpoints import pretrained
+from samtone.data import packing
 from samtone.data import pipeline
 from samtone.data.tokenizer import Tokenizer
 from samtone.errors import ConfigError
@@ -69,10 +78,13 @@ def train(
     eval_data: str | Sequence[str] | None = None,
     eval_every: int | None = None,
     eval_batch_size: int = 128,
+    eval_split: str = "test",
     log_every: int = 100,
     checkpoint_every: int = 1000,
     keep_checkpoints: int | None = 3,
     skip_nonfinite: bool = False,
+    microbatches: int = 1,
+    compilation_cache_dir: str | None = None,
 ) -> TrainResult:
     """Trains `model` with `loss` on `train_data` until `num_train_steps`; resumes if it can.
 
@@ -93,16 +105,26 @@ def train(
       logical_axis_rules: a rule table or its name in samtone.partitioning.
       init_checkpoint: a Hugging Face T5 folder or a T5X checkpoint to start the encoders
         from; ignored when model_dir already holds a checkpoint to resume.
-      eval_data: held-out (query, passage) pairs; P@1, MRR and NDCG@10 printed.
+      eval_data: a BEIR folder (against its whole corpus), held-out pairs or graded pairs,
+        scored as samtone-eval scores them (samtone.train_eval); metrics to TensorBoard and
+        to `<model_dir>/eval/<data name>/<step>/metrics.json`.
       eval_every: also evaluate every this many steps (None: at the end only).
+      eval_split: the qrels split (`qrels/<eval_split>.tsv`) when eval_data is a BEIR folder.
       log_every: steps between metric fetches, log lines and summaries.
       checkpoint_every: steps between checkpoints (one is always written at the end).
       keep_checkpoints: how many recent checkpoints to keep (None: all).
       skip_nonfinite: skip updates whose loss or gradients are not finite instead of
         stopping with NonFiniteLossError.
+      microbatches: N > 1 computes each step's loss and gradients over the whole batch in N
+        cached-gradient sub-batches (samtone.grad_cache): the same step in less memory.
+      compilation_cache_dir: JAX's persistent compilation cache (process-wide), so a rerun or
+        a resume does not compile again; a relative path is under model_dir, None turns it
+        off. gin/runs/train.gin sets 'compilation_cache' (MODEL_DIR/compilation_cache).
     """
     started = time.monotonic()
     model_dir = checkpoint_lib.absolute_directory(model_dir)
+    if compilation_cache_dir:
+        _use_compilation_cache(model_dir, compilation_cache_dir)
     mesh = mesh if mesh is not None else partitioning.make_mesh()
     rules = (partitioning.logical_axis_rules(logical_axis_rules)
              if isinstance(logical_axis_rules, str) else logical_axis_rules)
@@ -116,24 +138,41 @@ def train(
             vocabulary=vocabulary, logical_axis_rules=logical_axis_rules,
             model_parallel=dict(mesh.shape).get("model", 1)))
 
+    grad_cache.check_microbatches(microbatches, global_batch_size,
+                                  partitioning.batch_shards(mesh, rules))
+    rows = partitioning.process_batch_rows(mesh, rules, global_batch_size)
     iterator = batch_iterator_factory(
         train_data, tokenizer=tokenizer, global_batch_size=global_batch_size,
-        query_length=query_length, passage_length=passage_length, seed=seed,
-        process_index=jax.process_index(), process_count=jax.process_count())
-    example_batch = _example_global_batch(iterator)
+        query_length=query_length, passage_length=passage_length, seed=seed, local_rows=rows)
+    example_batch = _example_global_batch(iterator, global_batch_size)
+    if packing.is_packed(example_batch) and microbatches > 1:
+        raise ConfigError(f"train.microbatches={microbatches} splits the batch by rows, but "
+                          "packed rows (make_batch_iterator.pack=True) hold texts of several "
+                          "examples: use one or the other (length buckets work with "
+                          "microbatches)")
+    # Shardings depend on each array's rank only, so they serve every bucket's shapes.
     batch_shardings = partitioning.batch_shardings(
         {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in example_batch.items()},
         mesh, rules)
+    batch_shards = partitioning.batch_shards(mesh, rules)
 
+    def to_devices(host_batch):
+        if packing.is_packed(host_batch):  # every process holds the whole packed batch
+            return _device_batch(packing.pad_rows(host_batch, batch_shards), batch_shardings)
+        return _global_batch(host_batch, rows, global_batch_size, batch_shardings)
+
+    if init_checkpoint and not checkpoint_lib.checkpoint_steps(model_dir / "checkpoints"):
+        pretrained.checkpoint_kind(init_checkpoint)  # a wrong path fails before any set-up
     manager = checkpoint_lib.make_checkpoint_manager(model_dir / "checkpoints",
                                                      keep=keep_checkpoints)
     state, state_shardings = _initial_state(
         model, optimizer, example_batch, mesh, rules, seed, manager, iterator, init_checkpoint)
     train_step = train_step_lib.make_train_step(
         model, optimizer, loss_fn, state_shardings, batch_shardings, mesh, rules,
-        skip_nonfinite=skip_nonfinite)
+        skip_nonfinite=skip_nonfinite, microbatches=microbatches)
     evaluator = (TrainingEvaluator(model, state_shardings.params, mesh, rules, tokenizer,
-                                   eval_data, query_length, passage_length, eval_batch_size)
+                                   eval_data, query_length, passage_length, eval_batch_size,
+                                   model_dir=model_dir, split=eval_split)
                  if eval_data else None)
     summaries = Summaries(model_dir)
     step = int(jax.device_get(state.step))
@@ -146,11 +185,12 @@ def train(
     preempted = False
     # SIGTERM is caught until the end, so a notice during the final evaluation or save lets
     # them finish instead of killing the process.
+    batches = _prefetch_to_devices(iterator, to_devices, num_train_steps - step)
     with PreemptionNotice() as preemption:
         try:
             while step < num_train_steps:
-                local_batch = next(iterator)
-                state, metrics = train_step(state, _global_batch(local_batch, batch_shardings))
+                global_batch, data_state = next(batches)
+                state, metrics = train_step(state, global_batch)
                 step += 1
                 progress.add(step, metrics)
                 preempted = preemption.reached(step)
@@ -160,7 +200,7 @@ def train(
                     progress.flush(skip_nonfinite)
                 if save:
                     checkpoint_lib.save_checkpoint(manager, step, state,
-                                                   {"iterator": iterator.get_state()})
+                                                   {"iterator": data_state})
                 if preempted:
                     logging.warning("preemption notice: checkpoint of step %d written; run "
                                     "the same command again to resume", step)
@@ -191,33 +231,79 @@ def _check_vocabulary(model: nn.Module, tokenizer: Tokenizer) -> None:
             "run past the embedding")
 
 
-def _example_global_batch(iterator) -> dict[str, np.ndarray]:
+def _use_compilation_cache(model_dir, path: str) -> None:
+    """Points JAX's persistent compilation cache at `path` (relative: under model_dir)."""
+    path = os.path.expanduser(path)
+    path = path if "://" in path or os.path.isabs(path) else str(model_dir / path)
+    if jax.config.jax_compilation_cache_dir != path:
+        from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=import-outside-toplevel
+        compilation_cache.set_cache_dir(path)
+        compilation_cache.reset_cache()  # a cache opened on another folder is dropped
+    logging.info("persistent compilation cache: %s", path)
+
+
+def _example_global_batch(iterator, global_batch_size: int) -> dict[str, np.ndarray]:
     """One batch with global shapes, read without moving the iterator."""
     position = iterator.get_state()
     local = next(iterator)
     iterator.set_state(position)
-    return {k: np.zeros((v.shape[0] * jax.process_count(), *v.shape[1:]), v.dtype)
-            for k, v in local.items()}
+    if packing.is_packed(local):  # already the global batch
+        return {k: np.zeros_like(v) for k, v in local.items()}
+    return {k: np.zeros((global_batch_size, *v.shape[1:]), v.dtype) for k, v in local.items()}
 
 
-def _global_batch(local_batch: dict[str, np.ndarray], shardings) -> dict[str, jax.Array]:
-    """Assembles each process's slice into arrays spanning the global batch."""
-    count = jax.process_count()
-    return {
-        name: jax.make_array_from_process_local_data(
-            shardings[name], value, (value.shape[0] * count, *value.shape[1:]))
-        for name, value in local_batch.items()
-    }
+def _prefetch_to_devices(iterator, to_devices: Callable[[dict], dict], steps: int
+                         ) -> Iterator[tuple[dict, dict]]:
+    """(batch on the devices, iterator state after it) for `steps` steps, one batch ahead.
+
+    Batch n + 1 is read and its copy to the devices started before batch n is handed out, so
+    the copy overlaps step n (dispatch is asynchronous) even when the loop then waits on step
+    n's metrics. The state saved with a checkpoint is the one after the batch trained on.
+    """
+    ahead = None
+    for _ in range(steps):
+        try:
+            host_batch = next(iterator)
+        except StopIteration:  # a finite iterator: the loop's next() then stops as before
+            break
+        current = (to_devices(host_batch), iterator.get_state())
+        if ahead is not None:
+            yield ahead
+        ahead = current
+    if ahead is not None:
+        yield ahead
+
+
+def _global_batch(local_batch: dict[str, np.ndarray], rows: np.ndarray, global_batch_size: int,
+                  shardings) -> dict[str, jax.Array]:
+    """Arrays spanning the global batch, each device given its rows from this process's."""
+    def assemble(name, value):
+        def shard(index):
+            wanted = np.arange(global_batch_size)[index[0]]
+            return value[np.searchsorted(rows, wanted)][(slice(None), *index[1:])]
+
+        return jax.make_array_from_callback((global_batch_size, *value.shape[1:]),
+                                            shardings[name], shard)
+
+    return {name: assemble(name, value) for name, value in local_batch.items()}
+
+
+def _device_batch(host_batch: dict[str, np.ndarray], shardings) -> dict[str, jax.Array]:
+    """Global arrays from a batch every process holds whole, each device given its slice."""
+    return {name: jax.make_array_from_callback(value.shape, shardings[name],
+                                               lambda index, value=value: value[index])
+            for name, value in host_batch.items()}
 
 
 def _initial_state(model, optimizer, example_batch, mesh, rules, seed, manager, iterator,
                    init_checkpoint):
     """The newest checkpoint in model_dir if any, else `init_checkpoint`, else random init."""
-    if manager.latest_step() is not None:
+    newest = _agreed_latest_step(manager)
+    if newest is not None:
         shapes, shardings = train_step_lib.train_state_shardings(
             model, optimizer, example_batch, mesh, rules, seed=seed)
         state, data_state, step = checkpoint_lib.restore_checkpoint(
-            manager, checkpoint_lib.abstract_state(shapes, shardings))
+            manager, checkpoint_lib.abstract_state(shapes, shardings), newest=newest)
         iterator.set_state(data_state["iterator"])
         logging.info("resumed from step %d of %s", step, manager.directory)
         return state, shardings
@@ -227,3 +313,14 @@ def _initial_state(model, optimizer, example_batch, mesh, rules, seed, manager, 
         logging.info("encoders initialised from %s", init_checkpoint)
     return train_step_lib.init_train_state(model, optimizer, example_batch, mesh, rules,
                                            seed=seed, init_params=init_params)
+
+
+def _agreed_latest_step(manager) -> int | None:
+    """The newest step as process 0 sees it, so that every process restores the same one."""
+    latest = manager.latest_step()
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+        latest = int(multihost_utils.broadcast_one_to_all(np.int32(-1 if latest is None
+                                                                   else latest)))
+        latest = None if latest < 0 else latest
+    return latest

@@ -23,9 +23,11 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from samtone import grad_cache
 from samtone import losses
 from samtone import optimizers
 from samtone import partitioning
+from samtone.data import packing
 from samtone.errors import ConfigError
 from samtone.models import t5
 
@@ -241,34 +243,88 @@ def _uses_dropout(model: nn.Module) -> bool:
     return getattr(config, "dropout_rate", 0.0) > 0
 
 
-def loss_and_gradients(model: nn.Module, loss_fn: LossFn, params, batch: dict, dropout_rng
-                       ) -> tuple[tuple[jax.Array, dict], Any]:
-    """((loss, model outputs), gradients) on one global batch; call it inside jit.
+def _packing_inputs(batch: dict) -> dict:
+    """The DualEncoder's packed-row arguments of a packed batch; {} for one text per row.
+
+    The numbers of texts are static: B from `query_ids` [B], K from `negative_ids` [B, K].
+    """
+    if not packing.is_packed(batch):
+        return {}
+    if "query_ids" not in batch:
+        raise ValueError(f"a packed batch needs query_ids [B] (it says how many examples are "
+                         f"packed); batch keys: {sorted(batch)}")
+    negative_ids = batch.get("negative_ids")
+    return {"query_segment_ids": batch["query_segment_ids"],
+            "passage_segment_ids": batch["passage_segment_ids"],
+            "num_examples": batch["query_ids"].shape[0],
+            "num_negatives": 0 if negative_ids is None else negative_ids.shape[1]}
+
+
+def forward_fn(model: nn.Module) -> grad_cache.Forward:
+    """(params, batch, dropout key) -> the model's embeddings of the batch's texts.
 
     Dropout is on (deterministic=False) when the model's config has dropout_rate > 0, as
-    SimCSE needs.
+    SimCSE needs. A packed batch (segment ids) gives the same embeddings as the plain one.
     """
     deterministic = not _uses_dropout(model)
 
+    def forward(params, batch: dict, dropout_key: jax.Array) -> dict:
+        return model.apply({"params": params}, batch["query_tokens"], batch["passage_tokens"],
+                           batch.get("negative_tokens"), deterministic=deterministic,
+                           rngs={"dropout": dropout_key}, **_packing_inputs(batch))
+
+    return forward
+
+
+def loss_and_gradients(model: nn.Module, loss_fn: LossFn, params, batch: dict, dropout_rng,
+                       microbatches: int = 1) -> tuple[tuple[jax.Array, dict], Any]:
+    """((loss, model outputs), gradients) on one global batch; call it inside jit.
+
+    `microbatches` > 1 computes the same loss and gradients with cached embedding gradients
+    (samtone.grad_cache), holding one sub-batch's activations at a time.
+    """
+    forward = forward_fn(model)
+    if microbatches > 1:
+        if packing.is_packed(batch):
+            raise ConfigError(
+                f"train.microbatches={microbatches} splits the batch by rows, but packed rows "
+                "(make_batch_iterator.pack=True) hold texts of several examples: use one or "
+                "the other (length buckets work with microbatches)")
+        return grad_cache.loss_and_gradients(forward, loss_fn, params, batch, dropout_rng,
+                                             microbatches)
+
     def compute_loss(params):
-        outputs = model.apply({"params": params}, batch["query_tokens"], batch["passage_tokens"],
-                              batch.get("negative_tokens"), deterministic=deterministic,
-                              rngs={"dropout": dropout_rng})
+        outputs = forward(params, batch, dropout_rng)
         return loss_fn(outputs, batch), outputs
 
     return jax.value_and_grad(compute_loss, has_aux=True)(params)
 
 
+def _keep_if_finite(finite: jax.Array, new_state: Any, old_state: Any) -> Any:
+    """`old_state` where the update is not finite, except step counters (named `count`).
+
+    The counters advance, so the learning-rate schedule stays in step with `state.step`.
+    """
+    def choose(path, new, old):
+        is_counter = getattr(path[-1], "name", None) == "count" if path else False
+        return new if is_counter else jnp.where(finite, new, old)
+
+    return jax.tree_util.tree_map_with_path(choose, new_state, old_state)
+
+
 def train_step(state: TrainState, batch: dict, *, model: nn.Module,
                optimizer: optax.GradientTransformation, loss_fn: LossFn,
-               skip_nonfinite: bool = False) -> tuple[TrainState, dict]:
+               skip_nonfinite: bool = False, microbatches: int = 1
+               ) -> tuple[TrainState, dict]:
     """One optimiser update on a global batch: (state, batch) -> (state, metrics).
 
     A non-finite loss or gradient norm sets metrics["nonfinite"]; with `skip_nonfinite`
-    the parameters and optimiser state then stay as they were (only the step advances).
+    the parameters and optimiser moments then stay as they were, while the step and the
+    optimiser's step counters advance (the learning rate follows `state.step`).
     """
     dropout_rng = jax.random.fold_in(state.dropout_rng, state.step)
-    (loss, outputs), grads = loss_and_gradients(model, loss_fn, state.params, batch, dropout_rng)
+    (loss, outputs), grads = loss_and_gradients(model, loss_fn, state.params, batch, dropout_rng,
+                                                microbatches)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     gradient_norm = optax.tree.norm(grads)
@@ -282,27 +338,25 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
         "nonfinite": ~finite,
     }
     if skip_nonfinite:
-        def keep_if_finite(new, old):
-            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-
-        params = keep_if_finite(params, state.params)
-        opt_state = keep_if_finite(opt_state, state.opt_state)
+        params = _keep_if_finite(finite, params, state.params)
+        opt_state = _keep_if_finite(finite, opt_state, state.opt_state)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
 
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, loss_fn: LossFn,
                     state_shardings: TrainState, batch_shardings: Any, mesh: Mesh, rules, *,
-                    skip_nonfinite: bool = False) -> Callable[[TrainState, dict],
-                                                              tuple[TrainState, dict]]:
+                    skip_nonfinite: bool = False, microbatches: int = 1
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """`train_step` jitted once with explicit shardings, the state donated.
 
     The returned function takes (state, batch) with the batch as global jax.Arrays laid out
     as `batch_shardings` (see `partitioning.batch_shardings`) and returns (state, metrics),
-    metrics being replicated float32 scalars (and the bool "nonfinite").
+    metrics being replicated float32 scalars (and the bool "nonfinite"). `microbatches` > 1:
+    cached-gradient sub-batches (samtone.grad_cache), same loss and gradients.
     """
     step = functools.partial(train_step, model=model, optimizer=optimizer, loss_fn=loss_fn,
-                             skip_nonfinite=skip_nonfinite)
+                             skip_nonfinite=skip_nonfinite, microbatches=microbatches)
 
     def step_with_rules(state, batch):
         with partitioning.axis_rules(mesh, rules):

@@ -3,6 +3,7 @@ vectors, the distances behind the histogram, non-empty PNGs, and samtone-analyze
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -112,54 +113,121 @@ def _assert_png(path):
     assert os.path.getsize(path) > 10_000  # axes, points and a legend, not a blank canvas
 
 
+def test_similarity_samples_enumerate_every_distinct_pair_when_few():
+    # Queries at 0, 10, ..., 50 degrees; example e's passage at 5 + 10e degrees. Examples 0
+    # and 1 share query 0, so (0, 1) is one query twice for query_query, and (q0, p1) is a
+    # true pair for query_passage: both skipped.
+    degrees = lambda angles: np.stack([np.cos(np.deg2rad(angles)), np.sin(np.deg2rad(angles))], 1)
+    queries = degrees(np.arange(0, 60, 10))
+    passages = degrees(np.arange(5, 70, 10))
+    pairs = [(0, 0), (0, 1), (2, 2), (3, 3), (4, 4), (5, 5), (1, 6)]
+    samples = analysis.similarity_samples(queries, passages, pairs, max_samples=10_000)
+    true_pairs = set(pairs)
+    expected_qq = [np.cos(np.deg2rad(10 * (a - c))) for a, _ in pairs for c, _ in pairs
+                   if a != c]
+    expected_qp = [np.cos(np.deg2rad(10 * a - (5 + 10 * d))) for a, _ in pairs for _, d in pairs
+                   if (a, d) not in true_pairs]
+    np.testing.assert_allclose(np.sort(samples["query_query"]), np.sort(expected_qq), atol=1e-12)
+    np.testing.assert_allclose(np.sort(samples["query_passage"]), np.sort(expected_qp),
+                               atol=1e-12)
+    # Sampled: the same kind of values, i != j always, reproducible by seed.
+    sampled = analysis.similarity_samples(queries, passages, pairs, max_samples=20, seed=3)
+    assert len(sampled["query_query"]) <= 20 and len(sampled["query_passage"]) <= 20
+    for kind, expected in (("query_query", expected_qq), ("query_passage", expected_qp)):
+        assert np.isin(np.round(sampled[kind], 9), np.round(expected, 9)).all()
+        np.testing.assert_array_equal(sampled[kind], analysis.similarity_samples(
+            queries, passages, pairs, max_samples=20, seed=3)[kind])
+    with pytest.raises(ValueError, match="at least 2 true pairs"):
+        analysis.similarity_samples(queries, passages, [(0, 0)])
+
+
+def test_orthogonal_towers_have_known_similarity_histograms():
+    # q_i = e_i and p_i = e_{i+1}: every sim(q_i, q_j) is 0; sim(q_i, p_j) is 1 exactly when
+    # j = i - 1, i.e. for 4 of the 5 x 4 ordered pairs (i = 1..4), else 0.
+    eye = np.eye(6)
+    samples = analysis.similarity_samples(eye[:5], eye[1:6], [(i, i) for i in range(5)])
+    np.testing.assert_array_equal(samples["query_query"], np.zeros(20))
+    assert np.sort(samples["query_passage"]).tolist() == [0.0] * 16 + [1.0] * 4
+
+
+def test_shared_bins():
+    edges = analysis.shared_bins([np.linspace(-0.5, 0.5, 1000), np.array([0.9, np.nan])])
+    assert edges[0] == -0.5 and edges[-1] == 0.9 and 10 < len(edges) - 1 <= 60
+    assert len(analysis.shared_bins([np.ones(5)])) == 11  # one value: a window around it
+
+
+def _runs(count=30, dim=16):
+    queries, passages, pairs = _clusters(count=count, dim=dim)
+    other_queries, other_passages, _ = _clusters(seed=1, count=count, dim=dim)
+    return [analysis.RunEmbeddings("samtone (step 2)", queries, passages, np.array(pairs)),
+            analysis.RunEmbeddings("in-batch (step 2)", other_queries, other_passages,
+                                   np.array(pairs))]
+
+
 def test_plots_are_written(tmp_path):
-    queries, passages, pairs = _clusters()
-    points = analysis.tsne_plot(queries, passages, tmp_path / "plots" / "tsne.png", pairs=pairs,
-                                title="clusters")
-    assert points.shape == (60, 2) and np.all(np.isfinite(points))
+    runs = _runs()
+    points = analysis.tsne_plot(runs, tmp_path / "plots" / "tsne.png")
+    assert len(points) == 2 and points[0].shape == (60, 2) and np.all(np.isfinite(points[1]))
     _assert_png(tmp_path / "plots" / "tsne.png")
-    distances = analysis.top1_distance_histogram(queries, passages, tmp_path / "distances.png",
-                                                 pairs=pairs)
+    distances = analysis.distance_histograms(runs, tmp_path / "distances.png")
     _assert_png(tmp_path / "distances.png")
-    np.testing.assert_allclose(distances["query_true_passage"],
-                               1 - np.sum(_unit(queries) * _unit(passages), axis=1))
+    for run, found in zip(runs, distances):
+        np.testing.assert_allclose(found["query_true_passage"],
+                                   1 - np.sum(_unit(run.queries) * _unit(run.passages), axis=1))
+    samples = analysis.similarity_histogram(runs[:1], tmp_path / "similarities.png")
+    _assert_png(tmp_path / "similarities.png")
+    assert len(samples[0]["query_query"]) == 30 * 29
 
 
 def test_missing_plotting_libraries_are_named(tmp_path, monkeypatch):
     for name in list(sys.modules):
         if name.split(".")[0] in ("matplotlib", "sklearn"):
             monkeypatch.setitem(sys.modules, name, None)
-    queries, passages, pairs = _clusters(count=4)
+    runs = _runs(count=4)
     with pytest.raises(ImportError, match=r"pip install 'samtone\[analysis\]'"):
-        analysis.top1_distance_histogram(queries, passages, tmp_path / "d.png", pairs=pairs)
-    with pytest.raises(ImportError, match=r"needs scikit-learn: pip install 'samtone\[analysis\]'"):
-        analysis.tsne_plot(queries, passages, tmp_path / "t.png")
+        analysis.distance_histograms(runs, tmp_path / "d.png")
+    with pytest.raises(ImportError, match=r"pip install 'samtone\[analysis\]'"):
+        analysis.tsne_plot(runs, tmp_path / "t.png")
 
 
-def test_command_line(tmp_path):
-    run = train_tiny_run(tmp_path / "run")
+def test_run_names_tell_runs_apart():
+    assert analysis.run_names(["/x/samtone", "/x/softmax"]) == ["samtone", "softmax"]
+    assert analysis.run_names(["/a/run", "/b/run"]) == ["a/run", "b/run"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return train_tiny_run(tmp_path_factory.mktemp("run") / "samtone")
+
+
+def test_command_line_compares_two_runs(run, tmp_path):
+    other = tmp_path / "softmax"
+    shutil.copytree(run, other)  # the machinery, not the model, is under test here
     with open(smoke_path("eval.jsonl"), encoding="utf-8") as f:
         lines = [next(f) for _ in range(40)]
     (tmp_path / "pairs.jsonl").write_text("".join(lines))
     result = subprocess.run(
         [sys.executable, "-m", "samtone.cli.analyze", f"--model_dir={run}",
-         f"--data={tmp_path / 'pairs.jsonl'}", f"--output_dir={tmp_path / 'out'}",
-         "--batch_size=16", "--max_points=50"],
+         f"--compare={other}", "--step=1", f"--data={tmp_path / 'pairs.jsonl'}",
+         f"--output_dir={tmp_path / 'out'}", "--batch_size=16", "--max_points=50"],
         cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
         env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "alignment:" in result.stdout and "wrote tsne.png" in result.stdout
+    assert "alignment" in result.stdout and "similarities.png" in result.stdout
+    assert "samtone" in result.stdout.splitlines()[0] and "softmax" in result.stdout
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert (summary["step"], summary["num_queries"], summary["num_pairs"]) == (2, 40, 40)
-    # The numbers are those of the run's own embeddings, computed independently here.
+    assert (summary["step"], summary["num_queries"], summary["num_pairs"]) == (1, 40, 40)
+    assert summary["compare"]["step"] == 2 and summary["compare"]["model_dir"] == str(other)
+    # The numbers are those of the runs' own embeddings, computed independently here.
     records = [json.loads(line) for line in lines]
-    encoder = inference.Encoder.load(run, batch_size=8)
-    queries = encoder.encode_queries([r["query"] for r in records])
-    passages = encoder.encode_passages([r["passage"] for r in records])
-    pairs = [(i, i) for i in range(len(records))]
-    for name, value in _reference_summary(queries, passages, pairs).items():
-        assert summary[name] == pytest.approx(value, abs=1e-4), name
-    top1 = np.argmax(_unit(queries) @ _unit(passages).T, axis=1)
-    assert summary["p@1"] == pytest.approx(np.mean(top1 == np.arange(len(records))))
-    _assert_png(tmp_path / "out" / "tsne.png")
-    _assert_png(tmp_path / "out" / "distances.png")
+    for column, step in ((summary, 1), (summary["compare"], 2)):
+        encoder = inference.Encoder.load(run, step=step, batch_size=8)
+        queries = encoder.encode_queries([r["query"] for r in records])
+        passages = encoder.encode_passages([r["passage"] for r in records])
+        pairs = [(i, i) for i in range(len(records))]
+        for name, value in _reference_summary(queries, passages, pairs).items():
+            assert column[name] == pytest.approx(value, abs=1e-4), name
+        top1 = np.argmax(_unit(queries) @ _unit(passages).T, axis=1)
+        assert column["P@1"] == pytest.approx(np.mean(top1 == np.arange(len(records))))
+    for figure in analysis.FIGURES:
+        _assert_png(tmp_path / "out" / figure)

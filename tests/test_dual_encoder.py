@@ -11,7 +11,7 @@ import pytest
 from samtone import optimizers
 from samtone import partitioning
 from samtone import train_step
-from samtone.models.dual_encoder import DualEncoder, tower_params
+from samtone.models.dual_encoder import DualEncoder, mean_pool, tower_params
 from samtone.normalize import l2_normalize
 from samtone.models.t5 import T5Encoder, t5_1_1_config, unstack_layer_params
 
@@ -171,3 +171,59 @@ def test_pretrained_encoder_fills_every_tower(architecture, scan_layers):
         bad = {**pretrained, "token_embedder": {"embedding": np.zeros((3, 3), np.float32)}}
         train_step.init_train_state(model, optimizer, batch, mesh, rules,
                                     init_params=tower_params(bad, architecture))
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed rows, and float32 pooling and projection.
+
+
+@pytest.mark.parametrize("architecture", ["sde", "ade", "ade_spl"])
+def test_packed_texts_embed_as_they_do_alone_in_both_towers(architecture):
+    """Queries packed into query rows, passages and hard negatives into passage rows (as
+    samtone.data.pipeline.pack_batch packs them): every embedding equals the unpacked one."""
+    from samtone.data import pipeline
+    model, params = model_and_params(architecture)
+    batch = {"query_tokens": QUERIES, "passage_tokens": PASSAGES, "negative_tokens": NEGATIVES,
+             "query_ids": np.arange(4), "negative_ids": np.zeros((4, 3), np.int32)}
+    packed = pipeline.pack_batch(batch)
+    assert packed["passage_tokens"].shape[0] < 4 * (1 + 3)  # several texts share a row
+
+    @jax.jit
+    def both(p):
+        alone = model.apply({"params": p}, QUERIES, PASSAGES, NEGATIVES)
+        together = model.apply(
+            {"params": p}, packed["query_tokens"], packed["passage_tokens"],
+            query_segment_ids=packed["query_segment_ids"],
+            passage_segment_ids=packed["passage_segment_ids"], num_examples=4, num_negatives=3)
+        return alone, together
+
+    alone, together = both(params)
+    assert set(together) == {"query", "passage", "negatives"}
+    for name in alone:
+        assert together[name].shape == alone[name].shape
+        np.testing.assert_allclose(together[name], alone[name], atol=1e-6, err_msg=name)
+
+
+def test_pooling_and_projection_stay_float32_with_bfloat16_activations():
+    config = dataclasses.replace(CONFIG, dtype=jnp.bfloat16)
+    model = DualEncoder(config, architecture="ade_spl", projection_dim=PROJECTION_DIM)
+    params = model_and_params("ade_spl")[1]
+
+    @jax.jit
+    def embeddings_and_pooled(p):
+        embeddings = model.apply({"params": p}, QUERIES, method="encode_queries")
+        pooled = model.apply({"params": p}, QUERIES, method=lambda m, ids: mean_pool(
+            m.query_encoder(ids), ids))
+        return embeddings, pooled
+
+    embeddings, pooled = embeddings_and_pooled(params)
+    assert pooled.dtype == jnp.float32
+    kernel = np.asarray(nn.unbox(params["projection_layer"]["kernel"]), np.float64)
+    projected = np.asarray(pooled, np.float64) @ kernel
+    expected = projected / np.linalg.norm(projected, axis=-1, keepdims=True)
+    np.testing.assert_allclose(embeddings, expected, atol=1e-6)
+    # A bfloat16 projection (what the model did before) would be ~100x further off.
+    rounded = np.asarray(jnp.asarray(pooled, jnp.bfloat16) @ jnp.asarray(kernel, jnp.bfloat16),
+                         np.float64)
+    rounded /= np.linalg.norm(rounded, axis=-1, keepdims=True)
+    assert np.abs(rounded - expected).max() > 100 * np.abs(np.asarray(embeddings) - expected).max()

@@ -1,6 +1,8 @@
-"""samtone.export: the serving directory of a trained run (scanned layers, exported unscanned),
-its embeddings against the trained model and DualEncoder.apply, the StableHLO at other batch
-sizes and with jax alone, the safetensors layout, atomic writes and refusals."""
+"""samtone.export, format jax (and what every format shares): the serving folder of a trained
+run (scanned layers, exported unscanned), its manifest, its embeddings against the trained
+model and DualEncoder.apply, the StableHLO at other batch sizes and with jax alone, the
+safetensors layout, atomic writes, refusals and damaged folders."""
+import hashlib
 import json
 import os
 import subprocess
@@ -15,6 +17,8 @@ from flax import traverse_util
 
 from samtone import export, inference, run_manifest
 from samtone.checkpoints.manager import read_checkpoint
+from samtone.errors import CheckpointError
+from samtone.export import stablehlo
 from samtone.data import smoke_path
 from samtone.data.tokenizer import Tokenizer
 from samtone.models import dual_encoder, t5
@@ -45,20 +49,28 @@ def _unscanned_names_and_shapes():
             for path, leaf in leaves}
 
 
-def test_config_and_files(export_dir):
+def test_manifest_and_files(scanned_run, export_dir):
     assert sorted(os.listdir(export_dir)) == [
-        "config.json", "encode_passages.stablehlo", "encode_queries.stablehlo",
-        "params.safetensors", "spm.model"]
-    config = json.loads((export_dir / "config.json").read_text())
-    assert config["step"] == 2 and config["architecture"] == "ade_spl"
-    assert (config["projection_dim"], config["query_length"], config["passage_length"]) == (
-        64, QUERY_LENGTH, PASSAGE_LENGTH)
-    assert config["platforms"] == ["cpu", "cuda", "tpu"]
-    assert config["samtone_version"] and config["format_version"] == 1
-    assert run_manifest.config_from_json(config["t5_config"]) == smoke_model().config  # unscanned
-    assert (export_dir / "spm.model").read_bytes() == open(smoke_path("spm.model"), "rb").read()
+        "encode_passages.stablehlo", "encode_queries.stablehlo", "params.safetensors",
+        "samtone_export.json", "spm.model"]
+    manifest = json.loads((export_dir / "samtone_export.json").read_text())
+    assert manifest["format"] == "jax" and manifest["format_version"] == 1
+    assert manifest["step"] == 2 and manifest["architecture"] == "ade_spl"
+    assert manifest["source"] == {"model_dir": str(scanned_run), "step": 2}
+    assert (manifest["projection_dim"], manifest["query_length"],
+            manifest["passage_length"]) == (64, QUERY_LENGTH, PASSAGE_LENGTH)
+    assert manifest["platforms"] == ["cpu", "cuda", "tpu"]
+    assert manifest["samtone_version"] and manifest["jax_version"] == jax.__version__
+    assert run_manifest.config_from_json(manifest["t5_config"]) == smoke_model().config  # unscanned
+    vocabulary = open(smoke_path("spm.model"), "rb").read()
+    assert (export_dir / "spm.model").read_bytes() == vocabulary
+    assert manifest["vocabulary"] == "spm.model" and manifest["vocabulary_pieces"] == 1000
+    assert manifest["vocabulary_sha256"] == hashlib.sha256(vocabulary).hexdigest()
+    run = json.loads((scanned_run / "model.json").read_text())  # how Encoder.load lays it out
+    assert manifest["logical_axis_rules"] == run["logical_axis_rules"]
+    assert manifest["model_parallel"] == run["model_parallel"]
     assert oct(os.stat(export_dir / "params.safetensors").st_mode & 0o777) == oct(
-        os.stat(export_dir / "config.json").st_mode & 0o777)
+        os.stat(export_dir / "samtone_export.json").st_mode & 0o777)
 
 
 def test_params_are_the_checkpoint_in_the_unscanned_layout(scanned_run, export_dir):
@@ -79,8 +91,8 @@ def test_params_are_the_checkpoint_in_the_unscanned_layout(scanned_run, export_d
 def test_load_exported_gives_the_trained_models_embeddings(scanned_run, export_dir):
     queries, passages = smoke_texts(13)
     trained = inference.Encoder.load(str(scanned_run), batch_size=8)
-    exported = inference.load_exported(export_dir, batch_size=5)
-    assert exported.step == 2
+    exported = inference.Encoder.load(export_dir, batch_size=5)
+    assert exported.step == 2 and not exported.length_buckets  # StableHLO of fixed lengths
     np.testing.assert_allclose(exported.encode_queries(queries), trained.encode_queries(queries),
                                atol=1e-5)
     np.testing.assert_allclose(exported.encode_passages(passages),
@@ -127,8 +139,9 @@ def test_a_server_needs_only_jax(export_dir, tmp_path):
         inference.load_exported(export_dir, batch_size=4).encode_passages(passages), atol=1e-6)
 
 
-def _random_export(tmp_path, architecture, **config_overrides):
-    """Exports a randomly initialised tiny model; returns (model, params, export directory)."""
+def _random_export(tmp_path, architecture, platforms=export.DEFAULT_PLATFORMS,
+                   **config_overrides):
+    """Exports a randomly initialised tiny model; returns (model, params, directory, manifest)."""
     config = t5.t5_1_1_config("tiny", vocab_size=1000, **config_overrides)
     model = dual_encoder.DualEncoder(config, architecture=architecture, projection_dim=8)
     params = model.init(jax.random.PRNGKey(1), jnp.ones((1, 8), jnp.int32),
@@ -136,7 +149,7 @@ def _random_export(tmp_path, architecture, **config_overrides):
     directory = tmp_path / architecture
     config = export.write_export(directory, model=model, params=params,
                                  vocabulary=smoke_path("spm.model"), query_length=8,
-                                 passage_length=12, step=0)
+                                 passage_length=12, step=0, platforms=platforms)
     return model, params, directory, config
 
 
@@ -165,8 +178,8 @@ def test_a_platform_that_fails_to_lower_is_dropped(tmp_path, monkeypatch):
         return real_export(function, platforms=platforms)
 
     monkeypatch.setattr(jax.export, "export", no_tpu)
-    *_, config = _random_export(tmp_path, "sde")
-    assert config["platforms"] == ["cpu", "cuda"]
+    *_, manifest = _random_export(tmp_path, "sde")
+    assert manifest["platforms"] == ["cpu", "cuda"]
     with pytest.raises(ValueError, match=r"unknown platforms \['gpu'\]\)"):
         export.write_export(tmp_path / "other", model=None, params={}, vocabulary="", step=0,
                             query_length=8, passage_length=12, platforms=("cpu", "gpu"))
@@ -174,7 +187,7 @@ def test_a_platform_that_fails_to_lower_is_dropped(tmp_path, monkeypatch):
 
 def test_overwrite_is_refused_unless_asked(scanned_run, export_dir, tmp_path):
     before = {name: (export_dir / name).read_bytes() for name in os.listdir(export_dir)}
-    with pytest.raises(FileExistsError, match=f"export_dir {export_dir} exists and is not empty"):
+    with pytest.raises(FileExistsError, match=f"--output={export_dir} exists and is not empty"):
         export.export_model(scanned_run, export_dir, step=1)
     assert {name: (export_dir / name).read_bytes() for name in os.listdir(export_dir)} == before
 
@@ -194,19 +207,73 @@ def test_errors_name_the_model_dir_and_the_missing_file(scanned_run, tmp_path):
         export.export_model(scanned_run, tmp_path / "out", step=7)
     assert not os.path.exists(tmp_path / "out")
 
-    _, _, directory, _ = _random_export(tmp_path, "sde")
+    _, _, directory, _ = _random_export(tmp_path, "sde", platforms=("cpu",))
     os.remove(directory / "encode_passages.stablehlo")
     with pytest.raises(FileNotFoundError, match=f"{directory} is not a complete samtone-export "
-                                                "directory: missing encode_passages.stablehlo"):
-        inference.load_exported(directory)
+                                                "folder: missing encode_passages.stablehlo"):
+        inference.Encoder.load(directory)
+    with pytest.raises(ValueError, match="--format='onnx'; expected one of jax, "
+                                         "sentence_transformers, saved_model"):
+        export.export_model(scanned_run, tmp_path / "out", format="onnx")
+
+
+def test_damaged_exports_are_named(tmp_path):
+    _, _, directory, _ = _random_export(tmp_path, "ade", platforms=("cpu",))
+    params = directory / "params.safetensors"
+    params.write_bytes(params.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=f"{params}: not a readable safetensors file"):
+        inference.Encoder.load(directory)
+    _, _, directory, _ = _random_export(tmp_path / "2", "ade", platforms=("cpu",))
+    (directory / "spm.model").write_bytes(b"other")
+    with pytest.raises(CheckpointError, match="spm.model does not match the vocabulary_sha256"):
+        inference.Encoder.load(directory)
+    with pytest.raises(ValueError, match="is an export, which holds one step only"):
+        inference.Encoder.load(tmp_path / "ade", step=3)
+
+
+def test_params_of_another_model_are_refused_naming_each_and_both_shapes(tmp_path):
+    model, params, *_ = _random_export(tmp_path, "ade", platforms=("cpu",))
+    with pytest.raises(CheckpointError, match=r"query_encoder/layers_0/mlp/wi_0/kernel has "
+                                              r"shape \(32, 64\), expected \(32, 48\)"):
+        export.write_export(tmp_path / "other", model=dual_encoder.DualEncoder(
+            t5.t5_1_1_config("tiny", vocab_size=1000, d_ff=48), "ade", projection_dim=8),
+            params=params, vocabulary=smoke_path("spm.model"), query_length=8,
+            passage_length=12, step=0)
+    with pytest.raises(CheckpointError, match="projection_layer/kernel is missing"):
+        export.write_export(tmp_path / "other", model=dual_encoder.DualEncoder(
+            model.config, "ade_spl", projection_dim=8), params=params,
+            vocabulary=smoke_path("spm.model"), query_length=8, passage_length=12, step=0)
+    assert sorted(os.listdir(tmp_path)) == ["ade"]
+
+
+def test_an_interrupted_export_leaves_no_folder(tmp_path, monkeypatch):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stablehlo, "export_encoder", interrupt)  # after params.safetensors
+    with pytest.raises(KeyboardInterrupt):
+        _random_export(tmp_path, "sde")
+    assert os.listdir(tmp_path) == []
+
+
+def _cli(*args):
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    env.pop("SAMTONE_TRACEBACK", None)
+    return subprocess.run([sys.executable, "-m", "samtone.cli.export", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, check=False, env=env)
 
 
 def test_command_line(scanned_run, tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "samtone.cli.export", f"--model_dir={scanned_run}",
-         f"--export_dir={tmp_path / 'cli'}", "--step=1", "--platforms=cpu"],
-        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
-        env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
+    result = _cli(f"--model_dir={scanned_run}", f"--output={tmp_path / 'cli'}", "--step=1",
+                  "--platforms=cpu", "--format=jax")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "step 1 of" in result.stdout and "platforms cpu" in result.stdout
-    assert json.loads((tmp_path / "cli" / "config.json").read_text())["platforms"] == ["cpu"]
+    assert "step 1 of" in result.stdout and "as jax" in result.stdout
+    assert "platforms cpu" in result.stdout and "samtone_export.json" in result.stdout
+    manifest = json.loads((tmp_path / "cli" / "samtone_export.json").read_text())
+    assert manifest["platforms"] == ["cpu"] and manifest["step"] == 1
+    # --export_dir, the former name of --output, still works; an existing folder is refused.
+    refused = _cli(f"--model_dir={scanned_run}", f"--export_dir={tmp_path / 'cli'}")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert f"error: --output={tmp_path / 'cli'} exists and is not empty" in refused.stderr
+    unknown = _cli(f"--model_dir={scanned_run}", f"--output={tmp_path / 'x'}", "--format=onnx")
+    assert unknown.returncode == 2 and "--format" in unknown.stderr

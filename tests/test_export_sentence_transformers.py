@@ -1,11 +1,14 @@
-"""samtone.export_sentence_transformers: the folder loaded by the real sentence-transformers
-package in a process that cannot import samtone, its embeddings against DualEncoder.apply for
-sde, ade and ade_spl (texts that need padding and truncation, both layer layouts), its token
-ids against samtone's Tokenizer, the layout, the manifest, atomic writes and refusals."""
+"""samtone.export, format sentence_transformers: the folder loaded by the real
+sentence-transformers package in a process that cannot import samtone, its embeddings against
+DualEncoder.apply for sde, ade and ade_spl (texts that need padding and truncation, both layer
+layouts), its token ids against samtone's Tokenizer, the layout, the manifest, Encoder.load
+reading it back, atomic writes and refusals."""
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 
 import flax.linen as nn
 import jax
@@ -14,10 +17,11 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from samtone import export_sentence_transformers as st_export
+from samtone import export, inference
 from samtone.checkpoints import hf
 from samtone.data import smoke_path
 from samtone.data.tokenizer import Tokenizer, train_sentencepiece
+from samtone.export import sentence_transformers as st_export
 from samtone.models import dual_encoder, t5
 
 QUERY_LENGTH, PASSAGE_LENGTH = 12, 24
@@ -106,10 +110,12 @@ def exported(tmp_path_factory, texts):
                  "ade": params,  # boxed
                  "ade_spl": jax.tree.map(np.asarray, nn.unbox(params))}[architecture]
         folder = root / architecture
-        st_export.write_sentence_transformers(
-            folder, model=model, params=given, vocabulary=smoke_path("spm.model"),
-            query_length=QUERY_LENGTH, passage_length=PASSAGE_LENGTH,
-            manifest={"architecture": architecture, "step": 7})
+        start = time.perf_counter()
+        export.write_export(
+            folder, format="sentence_transformers", model=model, params=given,
+            vocabulary=smoke_path("spm.model"), query_length=QUERY_LENGTH,
+            passage_length=PASSAGE_LENGTH, step=7)
+        print(f"{architecture}: exported in {time.perf_counter() - start:.1f} s")
         runs[architecture] = (model, params, folder)
         folders[architecture] = str(folder)
     queries, passages = texts
@@ -216,8 +222,12 @@ def test_folder_layout(exported):
     assert dense["activation_function"] == "torch.nn.modules.linear.Identity"
     pooling = json.loads((folder / "query_1_Pooling" / "config.json").read_text())
     assert pooling["pooling_mode"] == "mean"
-    assert json.loads((folder / "samtone_export.json").read_text()) == {
-        "architecture": "ade_spl", "step": 7}
+    manifest = json.loads((folder / "samtone_export.json").read_text())
+    assert (manifest["format"], manifest["architecture"], manifest["step"]) == (
+        "sentence_transformers", "ade_spl", 7)
+    assert (manifest["query_length"], manifest["passage_length"]) == (QUERY_LENGTH,
+                                                                      PASSAGE_LENGTH)
+    assert (folder / "spm.model").read_bytes() == open(smoke_path("spm.model"), "rb").read()
     assert not [name for name in os.listdir(folder.parent) if name.startswith(".")]
     mode = os.stat(folder / "modules.json").st_mode & 0o777
     assert {os.stat(path).st_mode & 0o777 for path in folder.glob("*/*.safetensors")} == {mode}
@@ -255,9 +265,10 @@ def test_weights_are_the_params(exported, architecture):
 
 def _tiny_export(folder, **kwargs):
     model = _tiny_model("sde")
-    st_export.write_sentence_transformers(
-        folder, model=model, params=_random_params(model, 0), vocabulary=smoke_path("spm.model"),
-        query_length=QUERY_LENGTH, passage_length=PASSAGE_LENGTH, **kwargs)
+    export.write_export(
+        folder, format="sentence_transformers", model=model, params=_random_params(model, 0),
+        vocabulary=smoke_path("spm.model"), query_length=QUERY_LENGTH,
+        passage_length=PASSAGE_LENGTH, step=0, **kwargs)
 
 
 def test_refuses_a_non_empty_folder_unless_overwrite(tmp_path):
@@ -293,8 +304,32 @@ def test_a_vocabulary_larger_than_the_embedding_is_refused(tmp_path):
     config = t5.t5_1_1_config("tiny", vocab_size=512, dropout_rate=0.0)
     model = dual_encoder.DualEncoder(config, architecture="sde", projection_dim=16)
     with pytest.raises(ValueError, match="1000 pieces .* vocab_size=512"):
-        st_export.write_sentence_transformers(
-            tmp_path / "model", model=model, params=_random_params(model, 0),
-            vocabulary=smoke_path("spm.model"), query_length=QUERY_LENGTH,
-            passage_length=PASSAGE_LENGTH)
+        export.write_export(
+            tmp_path / "model", format="sentence_transformers", model=model,
+            params=_random_params(model, 0), vocabulary=smoke_path("spm.model"),
+            query_length=QUERY_LENGTH, passage_length=PASSAGE_LENGTH, step=0)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_encoder_load_reads_the_folder_back(exported, texts, architecture):
+    """samtone serves the folder too: its weights read back, no torch involved."""
+    model, params, folder, _ = exported[architecture]
+    encoder = inference.Encoder.load(folder, batch_size=8)
+    assert encoder.step == 7
+    query_embeddings, passage_embeddings = _samtone_embeddings(model, params, texts)
+    np.testing.assert_allclose(encoder.encode_queries(texts[0]), query_embeddings, atol=1e-5)
+    np.testing.assert_allclose(encoder.encode_passages(texts[1]), passage_embeddings,
+                               atol=1e-5)
+
+
+def test_a_damaged_folder_is_named(exported, tmp_path):
+    folder = tmp_path / "ade"
+    shutil.copytree(exported["ade"][2], folder)
+    weights = folder / "document_2_Dense" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])
+    with pytest.raises(ValueError, match=f"{weights}: cannot read 'linear.weight'"):
+        inference.Encoder.load(folder)
+    os.remove(folder / "query_0_Transformer" / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="query_0_Transformer: no model.safetensors"):
+        inference.Encoder.load(folder)

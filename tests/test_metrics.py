@@ -1,4 +1,5 @@
-"""samtone.metrics against ranx (retrieval) and scipy (Spearman)."""
+"""samtone.metrics against pytrec_eval (trec_eval itself: ties, grades, empty results), ranx
+(tie-free runs), hand-computed values, and scipy (correlations)."""
 import warnings
 
 import numpy as np
@@ -7,110 +8,147 @@ import scipy.stats
 
 from samtone import metrics
 
+pytrec_eval = pytest.importorskip("pytrec_eval")
 ranx = pytest.importorskip("ranx")
 
+NUM_PASSAGES = 60
 
-def _random_case(seed, num_queries=12, num_passages=40):
-    """Continuous random scores (no exact ties) and graded qrels; queries 0 and 1 have none."""
+
+def _random_case(seed, num_queries=40, k=25, ties=True):
+    """A scored top-k run and graded qrels, with the cases trec_eval treats specially:
+    query 0 judged with grade 0 only, query 1 with relevant passages none of which is
+    retrieved, query 2 judged nowhere (not evaluated), several graded relevant passages
+    per query, and (ties=True) many equal scores."""
     rng = np.random.default_rng(seed)
-    scores = rng.normal(size=(num_queries, num_passages)).astype(np.float32)
-    qrels = {0: {3: 0, 5: 0}}  # judged, but nothing relevant: skipped
-    for query in range(2, num_queries):
-        judged = rng.choice(num_passages, size=rng.integers(1, 6), replace=False)
-        grades = rng.integers(0, 4, size=len(judged))
-        grades[0] = rng.integers(1, 4)  # at least one relevant passage
-        qrels[query] = {int(p): int(g) for p, g in zip(judged, grades)}
-    return scores, qrels
+    # Ids whose string order differs from the index order ("p7" > "p10" > "p1"): ties then
+    # depend on trec_eval's strcmp rule, not on the corpus index.
+    ids = [f"p{n}" for n in rng.permutation(NUM_PASSAGES) * 7]
+    if ties:
+        all_scores = rng.integers(0, 6, size=(num_queries, NUM_PASSAGES)).astype(np.float32)
+    else:
+        all_scores = rng.normal(size=(num_queries, NUM_PASSAGES)).astype(np.float32)
+    indices = np.argsort(-all_scores, axis=1, kind="stable")[:, :k]
+    scores = np.take_along_axis(all_scores, indices, axis=1)
+    indices[5, 20:] = -1  # a short list
+    scores[5, 20:] = -np.inf
+    qrels = {0: {3: 0, 5: 0}, 1: {int(p): 2 for p in np.setdiff1d(np.arange(NUM_PASSAGES),
+                                                                   indices[1])[:3]}}
+    for query in range(3, num_queries):
+        judged = rng.choice(NUM_PASSAGES, size=rng.integers(1, 8), replace=False)
+        qrels[query] = {int(p): int(g) for p, g in zip(judged, rng.integers(0, 4, len(judged)))}
+    scores, indices = metrics.trec_order(scores, indices, metrics.id_order(ids))
+    return scores, indices, metrics.Qrels.from_dict(qrels), qrels, ids
 
 
-def _ranx_mean(scores, qrels, metric):
-    """ranx over the queries with a relevant passage (the ones samtone averages over)."""
-    kept = [q for q, judged in qrels.items() if any(g > 0 for g in judged.values())]
-    ranx_qrels = ranx.Qrels({f"q{q}": {f"d{p}": g for p, g in qrels[q].items()} for q in kept})
-    ranx_run = ranx.Run({f"q{q}": {f"d{p}": float(s) for p, s in enumerate(scores[q])} for q in kept})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # numba type-safety chatter inside ranx
-        return float(ranx.evaluate(ranx_qrels, ranx_run, metric))
+def _as_dicts(scores, indices, qrels, ids):
+    run = {f"q{q}": {ids[p]: float(s) for p, s in zip(indices[q], scores[q]) if p >= 0}
+           for q in range(len(indices))}
+    judged = {f"q{q}": {ids[p]: int(g) for p, g in passages.items()}
+              for q, passages in qrels.items()}
+    return run, judged
+
+
+PYTREC = {"P@1": "P_1", "P@5": "P_5", "NDCG@10": "ndcg_cut_10", "NDCG@3": "ndcg_cut_3",
+          "Recall@1": "recall_1", "Recall@10": "recall_10", "Recall@100": "recall_100"}
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize(
-    "ranx_metric, ours",
-    [
-        ("precision@1", metrics.precision_at_1),
-        ("mrr", metrics.mean_reciprocal_rank),
-        ("mrr@5", lambda s, q: metrics.mean_reciprocal_rank(s, q, k=5)),
-        ("ndcg@10", metrics.ndcg_at_k),
-        ("ndcg@3", lambda s, q: metrics.ndcg_at_k(s, q, k=3)),
-        ("ndcg_burges@10", lambda s, q: metrics.ndcg_at_k(s, q, gain="exponential")),
-        ("recall@10", metrics.recall_at_k),
-        ("recall@4", lambda s, q: metrics.recall_at_k(s, q, k=4)),
-    ],
-)
-def test_retrieval_metrics_match_ranx(seed, ranx_metric, ours):
-    scores, qrels = _random_case(seed)
-    assert ours(scores, qrels) == pytest.approx(_ranx_mean(scores, qrels, ranx_metric), abs=1e-6)
+def test_per_query_metrics_equal_trec_eval(seed):
+    scores, indices, qrels, qrels_dict, ids = _random_case(seed)
+    run, judged = _as_dicts(scores, indices, qrels_dict, ids)
+    evaluator = pytrec_eval.RelevanceEvaluator(
+        judged, {"P.1,5", "ndcg_cut.3,10", "recall.1,10,100", "recip_rank"})
+    expected = evaluator.evaluate(run)
+    names = [*PYTREC, "MRR@10", "MRR@3"]
+    ours = metrics.per_query_metrics(indices, qrels, names)
+    evaluated = [f"q{q}" for q in qrels.evaluated_queries()]
+    assert sorted(evaluated) == sorted(expected)  # q2 is not judged: evaluated by neither
+    for name, trec_name in PYTREC.items():
+        np.testing.assert_allclose(ours[name], [expected[q][trec_name] for q in evaluated],
+                                   atol=1e-12, err_msg=name)
+    for k in (10, 3):  # MRR@k: trec_eval's recip_rank when the first hit is within the top k
+        reciprocal = np.array([expected[q]["recip_rank"] for q in evaluated])
+        np.testing.assert_allclose(ours[f"MRR@{k}"],
+                                   np.where(reciprocal >= 1 / k - 1e-12, reciprocal, 0.0))
+    # The special queries: grade-0 only and nothing relevant retrieved both score 0.
+    for query in ("q0", "q1"):
+        position = evaluated.index(query)
+        assert all(ours[name][position] == 0 for name in names)
+    means = metrics.retrieval_metrics(indices, qrels, names)
+    assert means["NDCG@10"] == pytest.approx(
+        np.mean([expected[q]["ndcg_cut_10"] for q in evaluated]), abs=1e-12)
 
 
-def test_summarize_over_blocks_equals_whole_matrix():
-    scores, qrels = _random_case(3)
-    blocks = [
-        metrics.relevant_ranks(scores[start:start + 5], qrels, range(start, min(start + 5, len(scores))))
-        for start in range(0, len(scores), 5)
-    ]
-    summary = metrics.summarize([q for block in blocks for q in block])
-    assert summary == pytest.approx({
-        "p@1": metrics.precision_at_1(scores, qrels),
-        "mrr": metrics.mean_reciprocal_rank(scores, qrels),
-        "ndcg@10": metrics.ndcg_at_k(scores, qrels),
-        "recall@10": metrics.recall_at_k(scores, qrels),
-    })
+@pytest.mark.parametrize("seed", [3, 4])
+def test_means_equal_ranx_without_ties(seed):
+    scores, indices, qrels, qrels_dict, ids = _random_case(seed, ties=False)
+    run, judged = _as_dicts(scores, indices, qrels_dict, ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # numba type-safety chatter inside ranx
+        expected = ranx.evaluate(ranx.Qrels(judged), ranx.Run(run),
+                                 ["precision@1", "mrr@10", "ndcg@10", "recall@10"],
+                                 make_comparable=True)
+    ours = metrics.retrieval_metrics(indices, qrels, ["P@1", "MRR@10", "NDCG@10", "Recall@10"])
+    assert list(ours.values()) == pytest.approx(list(expected.values()), abs=1e-6)
 
 
-def test_ties_break_by_lower_passage_index():
-    scores = np.array([[0.5, 0.9, 0.5, 0.5]])
-    ranks = metrics.relevant_ranks(scores, {0: {3: 1, 0: 2, 2: 1}})[0]
-    # Order: passage 1 (0.9), then the 0.5 ties by index: 0, 2, 3.
-    np.testing.assert_array_equal(ranks.ranks, [2, 3, 4])
-    np.testing.assert_array_equal(ranks.grades, [2, 1, 1])
-    assert metrics.precision_at_1(scores, {0: {1: 1}}) == 1.0
-    assert metrics.mean_reciprocal_rank(scores, {0: {2: 1}}) == pytest.approx(1 / 3)
+def test_trec_order_breaks_ties_by_descending_id():
+    ids = ["d1", "d2", "d10", "d3"]
+    scores = np.array([[0.5, 0.9, 0.5, 0.5, -np.inf]], np.float32)
+    indices = np.array([[0, 3, 1, 2, -1]])
+    sorted_scores, sorted_indices = metrics.trec_order(scores, indices, metrics.id_order(ids))
+    # 0.9 (d3), then the 0.5 ties by strcmp descending: d2, d10, d1; the empty slot last.
+    np.testing.assert_array_equal(sorted_indices, [[3, 1, 2, 0, -1]])
+    np.testing.assert_array_equal(sorted_scores, np.float32([[0.9, 0.5, 0.5, 0.5, -np.inf]]))
 
 
-def test_hand_computed_ndcg_and_recall():
-    scores = np.array([[0.1, 0.4, 0.3, 0.2]])  # ranking: 1, 2, 3, 0
-    qrels = {0: {2: 3, 0: 1}}  # ranks 2 and 4
+def test_hand_computed_values():
+    run = np.array([[1, 2, 3, 0], [4, -1, -1, -1]])  # query 1 retrieved one passage
+    qrels = metrics.Qrels.from_dict({0: {2: 3, 0: 1, 7: 2}, 1: {5: 1}})
+    found = metrics.per_query_metrics(run, qrels, ["P@1", "MRR@10", "MRR@1", "NDCG@10",
+                                                   "NDCG@3", "Recall@3", "Recall@100"])
     dcg = 3 / np.log2(3) + 1 / np.log2(5)
-    idcg = 3 / np.log2(2) + 1 / np.log2(3)
-    assert metrics.ndcg_at_k(scores, qrels) == pytest.approx(dcg / idcg)
-    assert metrics.ndcg_at_k(scores, qrels, k=3) == pytest.approx((3 / np.log2(3)) / idcg)
-    assert metrics.recall_at_k(scores, qrels, k=3) == 0.5
-    assert metrics.mean_reciprocal_rank(scores, qrels, k=1) == 0.0
+    idcg = 3 + 2 / np.log2(3) + 1 / np.log2(4)  # grades 3, 2, 1; passage 7 never retrieved
+    expected = {"P@1": [0, 0], "MRR@10": [0.5, 0], "MRR@1": [0, 0],
+                "NDCG@10": [dcg / idcg, 0], "NDCG@3": [(3 / np.log2(3)) / idcg, 0],
+                "Recall@3": [1 / 3, 0], "Recall@100": [2 / 3, 0]}
+    for name, values in expected.items():
+        np.testing.assert_allclose(found[name], values, err_msg=name)
 
 
-def test_queries_without_relevant_passages_are_skipped():
-    scores = np.array([[0.9, 0.1], [0.9, 0.1]])
-    assert metrics.precision_at_1(scores, {0: {0: 1}, 1: {1: 0}}) == 1.0
-    assert np.isnan(metrics.precision_at_1(scores, {}))
+def test_a_query_without_judgements_is_not_evaluated():
+    run = np.array([[0, 1], [1, 0]])
+    assert metrics.retrieval_metrics(run, metrics.Qrels.from_dict({1: {1: 1}}))["P@1"] == 1.0
+    assert np.isnan(metrics.retrieval_metrics(run, metrics.Qrels.from_dict({}))["P@1"])
 
 
-@pytest.mark.parametrize(
-    "qrels, message",
-    [({5: {0: 1}}, "query 5"), ({0: {7: 1}}, "passage 7")],
-)
-def test_bad_qrels_name_the_offender(qrels, message):
+@pytest.mark.parametrize("qrels, names, message", [
+    ({5: {0: 1}}, ["P@1"], "query 5, but the run has 2 rows"),
+    ({0: {0: 1}}, ["MAP@10"], "unknown metric 'MAP@10'"),
+    ({0: {0: 1}}, ["P@0"], "unknown metric 'P@0'"),
+])
+def test_errors_name_the_problem(qrels, names, message):
     with pytest.raises(ValueError, match=message):
-        metrics.precision_at_1(np.zeros((2, 3)), qrels)
+        metrics.retrieval_metrics(np.zeros((2, 3), np.int64), metrics.Qrels.from_dict(qrels),
+                                  names)
+
+
+def test_duplicate_judgements_are_refused():
+    qrels = metrics.Qrels(np.array([0, 0]), np.array([4, 4]), np.array([1.0, 2.0]))
+    with pytest.raises(ValueError, match="query 0 and passage 4 twice"):
+        metrics.retrieval_metrics(np.zeros((1, 3), np.int64), qrels)
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_spearman_matches_scipy_with_ties(seed):
+def test_correlations_match_scipy_with_ties(seed):
     rng = np.random.default_rng(seed)
     x = rng.integers(0, 5, size=50).astype(float)  # many ties
     y = x + rng.normal(scale=2.0, size=50)
     y[::7] = 1.0  # ties on the other side too
-    expected = scipy.stats.spearmanr(x, y).statistic
-    assert metrics.spearman(x, y) == pytest.approx(expected, abs=1e-12)
+    assert metrics.spearman(x, y) == pytest.approx(scipy.stats.spearmanr(x, y).statistic,
+                                                   abs=1e-12)
+    assert metrics.pearson(x, y) == pytest.approx(scipy.stats.pearsonr(x, y).statistic,
+                                                  abs=1e-12)
 
 
 def test_average_ranks_matches_scipy():
@@ -118,5 +156,6 @@ def test_average_ranks_matches_scipy():
     np.testing.assert_allclose(metrics.average_ranks(values), scipy.stats.rankdata(values))
 
 
-def test_spearman_of_constant_is_nan():
+def test_correlation_of_a_constant_is_nan():
     assert np.isnan(metrics.spearman(np.ones(5), np.arange(5)))
+    assert np.isnan(metrics.pearson(np.ones(5), np.arange(5)))

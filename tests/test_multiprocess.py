@@ -70,3 +70,25 @@ def test_two_processes_reach_the_single_process_params(tmp_path):
     assert tree_one == tree_two
     for a, b in zip(leaves_one, leaves_two):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_parallel", [4, 2], ids=["model_axis_across_processes",
+                                                        "data2_model2"])
+def test_tensor_parallel_meshes_across_processes_reach_the_single_process_params(
+        tmp_path, model_parallel):
+    """Processes holding the same rows (replicas along 'model') feed the same examples."""
+    args = ["configs/smoke.gin", "--gin_file=gin/mesh/data_model.gin",
+            f"--gin.MODEL_PARALLEL={model_parallel}", "--gin.TRAIN_STEPS=3",
+            "--gin.BATCH_SIZE=16", "--gin.PASSAGE_LENGTH=32", "--gin.EVAL_DATA=None",
+            "--gin.t5_1_1_config.dropout_rate=0.1"]
+    one_dir, two_dir = tmp_path / "one", tmp_path / "two"
+    _run([sys.executable, "-m", "samtone.cli.train", f"--gin_file={args[0]}", *args[1:],
+          f"--gin.MODEL_DIR='{one_dir}'"], _env(4), "the single-process run")
+    double = _run(["bash", str(REPO / "launch" / "local_multiprocess.sh"), "2", *args,
+                   f"--gin.MODEL_DIR='{two_dir}'"], _env(2), "the two-process run")
+    assert f"'model': {model_parallel}" in double.stderr  # the mesh the run used
+    state_one, data_one, _ = read_checkpoint(one_dir / "checkpoints")
+    state_two, data_two, _ = read_checkpoint(two_dir / "checkpoints")
+    assert data_one == data_two
+    for a, b in zip(jax.tree.leaves(state_one), jax.tree.leaves(state_two)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

@@ -8,6 +8,7 @@ import threading
 import numpy as np
 import pytest
 
+from samtone.data import packing
 from samtone.data.files import Example
 from samtone.data.pipeline import make_batch_iterator, stable_id
 from samtone.data.tokenizer import Tokenizer, train_sentencepiece
@@ -253,3 +254,87 @@ def test_prefetch_thread_ends_with_its_iterator(data_file, tokenizer):
     assert len(prefetch_threads()) == before + 1
     del iterator  # nothing else refers to it: the thread must stop rather than leak
     assert len(prefetch_threads()) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes with no compute on padding: length buckets and packed rows.
+
+BUCKETS = [4, 8]  # query buckets 4, 6 (= LQ); passage buckets 4, 8, 12 (= LP)
+
+
+@pytest.fixture(scope="module")
+def varied_examples():
+    """Batches (in file order) of short texts, then long ones, then mixed."""
+    rng = np.random.default_rng(2)
+    words = [(1, 2), (3, 6), (1, 6)]
+    return [Example(sentence(rng, rng.integers(1, 3)),
+                    sentence(rng, rng.integers(*words[(i // BATCH) % 3])),
+                    tuple(sentence(rng, rng.integers(*words[(i // BATCH) % 3])) for _ in range(K)))
+            for i in range(6 * BATCH)]
+
+
+@pytest.mark.parametrize("process_count", [1, 2])
+def test_length_buckets_cut_each_batch_to_its_global_longest_text(varied_examples, tokenizer,
+                                                                  process_count):
+    n = 6
+    settings = dict(num_negatives=K, shuffle=False)
+    plain = batches(varied_examples, tokenizer, n, length_buckets=False, **settings)
+    slices = [batches(varied_examples, tokenizer, n, length_buckets=BUCKETS, process_index=p,
+                      process_count=process_count, **settings) for p in range(process_count)]
+    seen_lengths = set()
+    for step, full in enumerate(plain):
+        longest_query = (full["query_tokens"] != 0).sum(-1).max()
+        longest_passage = max((full["passage_tokens"] != 0).sum(-1).max(),
+                              (full["negative_tokens"] != 0).sum(-1).max())
+        query_length = min(b for b in [4, LQ] if b >= longest_query)
+        passage_length = min(b for b in [4, 8, LP] if b >= longest_passage)
+        seen_lengths.add(passage_length)
+        for key, length in (("query_tokens", query_length), ("passage_tokens", passage_length),
+                            ("negative_tokens", passage_length)):
+            # Every process cuts to the global batch's bucket, so all agree on the shapes.
+            assert {s[step][key].shape[-1] for s in slices} == {length}, (step, key)
+            joined = np.concatenate([s[step][key] for s in slices])
+            np.testing.assert_array_equal(joined, full[key][..., :length])
+            assert not full[key][..., length:].any()  # only padding was cut
+        for key in ("query_ids", "passage_ids", "negative_ids"):
+            np.testing.assert_array_equal(np.concatenate([s[step][key] for s in slices]),
+                                          full[key])
+    assert len(seen_lengths) > 1  # the data has batches of more than one bucket
+
+
+def _unpacked(batch, num_negatives):
+    """The plain global batch a packed one holds (samtone.data.packing.unpack)."""
+    size = len(batch["query_ids"])
+    passages = packing.unpack(batch["passage_tokens"], batch["passage_segment_ids"],
+                              size * (1 + num_negatives), LP)
+    plain = {"query_tokens": packing.unpack(batch["query_tokens"], batch["query_segment_ids"],
+                                            size, LQ),
+             "passage_tokens": passages[:size],
+             "negative_tokens": passages[size:].reshape(size, num_negatives, LP)}
+    plain.update({k: v for k, v in batch.items() if k.endswith("_ids") and "segment" not in k})
+    return plain
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_packed_batches_are_the_global_batch_on_every_process_and_resume(varied_examples,
+                                                                         tokenizer, prefetch):
+    n, data = 9, varied_examples  # 6 batches an epoch: crosses into the second epoch
+    plain = batches(data, tokenizer, n, num_negatives=K, seed=4, length_buckets=False)
+    packed = [batches(data, tokenizer, num_negatives=K, seed=4, pack=True, process_index=p,
+                      process_count=2, prefetch=prefetch) for p in range(2)]
+    assert packed[0].global_batches and not batches(data, tokenizer).global_batches
+    got = [[next(iterator) for _ in range(n)] for iterator in packed]
+    assert_same(got[0], got[1])  # every process holds the same packed global batch
+    for full, batch in zip(plain, got[0]):
+        assert packing.is_packed(batch)
+        assert_same([_unpacked(batch, K)], [full])
+    # Several texts share a row: fewer rows than texts.
+    assert sum(b["passage_tokens"].shape[0] for b in got[0]) < n * BATCH * (1 + K) / 2
+    # Resume: a fresh iterator set to a saved state continues with the same packed batches.
+    state = json.loads(json.dumps(packed[0].get_state()))
+    resumed = batches(data, tokenizer, num_negatives=K, seed=4, pack=True, prefetch=prefetch)
+    resumed.set_state(state)
+    reference = batches(data, tokenizer, n + 3, num_negatives=K, seed=4, pack=True)
+    assert_same([next(resumed) for _ in range(3)], reference[n:])
+    for iterator in (*packed, resumed):
+        iterator.close()

@@ -284,3 +284,50 @@ def test_sharded_forward_matches_unsharded(hf_gated, scan_layers):
     assert hidden.sharding.spec[0] == "data"
     # Sharded matmuls sum partial products in another order: float32 rounding only.
     np.testing.assert_allclose(np.asarray(hidden), expected, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed rows and the one-hot embedding lookup.
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_packed_rows_give_each_text_its_hidden_states_alone(hf_gated, scan_layers):
+    """Several texts per row with segment ids: attention stays within each text and relative
+    positions are the text's own, so every token's hidden state is the one it has alone."""
+    from samtone.data import packing
+    config, params = load_hf_t5_encoder(hf_gated[1])
+    config = dataclasses.replace(config, scan_layers=scan_layers)
+    if scan_layers:
+        params = stack_layer_params(params, config.num_layers)
+    lengths = (40, 25, 7, 1, 3, 33, 12, 9, 2)
+    alone = token_ids(lengths=lengths)
+    packed, segment_ids = packing.pack(alone, multiple=1)
+    assert packed.shape[0] < len(lengths)
+    hidden_alone = np.asarray(jax.jit(T5Encoder(config).apply)({"params": params}, alone))
+    hidden_packed = np.asarray(jax.jit(functools.partial(T5Encoder(config).apply))(
+        {"params": params}, packed, segment_ids=segment_ids))
+    for text, length in enumerate(lengths):
+        rows, columns = np.nonzero(segment_ids == text + 1)
+        np.testing.assert_allclose(hidden_packed[rows, columns], hidden_alone[text, :length],
+                                   atol=2e-5, err_msg=f"text {text}")
+
+
+def test_one_hot_lookup_when_vocab_is_sharded_equals_the_gather():
+    config = t5_1_1_config("tiny", dropout_rate=0.0)
+    model = T5Encoder(config)
+    ids = jnp.asarray(token_ids())
+    params = jax.jit(model.init)(jax.random.key(0), ids)["params"]
+
+    def make_loss():  # a new function each time: JAX's trace caches ignore the rules context
+        return lambda p: jnp.sum(jnp.square(model.apply({"params": p}, ids)))
+
+    gathers = str(jax.make_jaxpr(make_loss())(params)).count("gather[")
+    plain_loss, plain_grads = jax.jit(jax.value_and_grad(make_loss()))(params)
+    with nn.logical_axis_rules((("batch", "data"), ("vocab", "model"))):
+        one_hot_gathers = str(jax.make_jaxpr(make_loss())(params)).count("gather[")
+        one_hot_loss, one_hot_grads = jax.jit(jax.value_and_grad(make_loss()))(params)
+    # The position bias's lookup stays a gather; the token embedding's became a matmul.
+    assert one_hot_gathers + 1 == gathers
+    np.testing.assert_allclose(one_hot_loss, plain_loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 one_hot_grads, plain_grads)

@@ -182,9 +182,9 @@ def test_pretrained_t5_conversion_drops_decoder_and_rejects_dual_encoder_use():
     pretrained = {"token_embedder": params["token_embedder"], "encoder": params["encoder"],
                   "decoder": {"decoder_norm": {"scale": np.ones(6, np.float32)}}}
     assert "decoder" not in t5x.t5x_encoder_to_samtone(pretrained)
-    with pytest.raises(KeyError, match="projection_layer"):
+    with pytest.raises(ValueError, match="projection_layer"):
         t5x.t5x_dual_encoder_to_samtone(pretrained, "sde")
-    with pytest.raises(KeyError, match="encoder/encoder_norm"):
+    with pytest.raises(ValueError, match="encoder/encoder_norm"):
         t5x.t5x_encoder_to_samtone({"token_embedder": {}, "encoder": {"relpos_bias": {}, "layers_0": {}}})
     with pytest.raises(ValueError, match="scanned"):
         t5x.t5x_encoder_to_samtone({"token_embedder": {}, "encoder": {"layers": {}}})

@@ -61,10 +61,10 @@ class _Interrupted(Exception):
     pass
 
 
-def _interrupting_factory(batches):
+def _interrupting_factory(batches, **options):
     """A batch iterator factory whose iterator dies after handing out `batches` training batches."""
     def factory(*args, **kwargs):
-        iterator = pipeline.make_batch_iterator(*args, **kwargs)
+        iterator = pipeline.make_batch_iterator(*args, **kwargs, **options)
         handed_out = [-1]  # train() peeks one batch (and rewinds) before the loop
 
         class Dying:
@@ -84,13 +84,42 @@ def test_resume_after_a_crash_reaches_the_uninterrupted_params(tmp_path):
     reference = _train(tmp_path / "reference")
     assert reference.step == 6 and not reference.preempted
 
-    with pytest.raises(_Interrupted):  # dies during step 5, after the checkpoint of step 4
+    # Dies reading batch 5, which train() reads (and copies to the devices) before step 4,
+    # so after the checkpoint of step 2.
+    with pytest.raises(_Interrupted):
         _train(tmp_path / "resumed", batch_iterator_factory=_interrupting_factory(4))
     resumed = _train(tmp_path / "resumed")
 
     assert resumed.step == 6
     _assert_trees_equal(resumed.state, reference.state)
     assert int(resumed.state.step) == 6
+
+
+def test_packed_run_resumes_exactly_and_a_rerun_compiles_nothing(tmp_path):
+    """pack=True end to end (the step sees several shapes); the resumed call finds its
+    compiled steps in the persistent compilation cache under model_dir."""
+    factory = functools.partial(pipeline.make_batch_iterator, pack=True)
+    cache = "compilation_cache"
+    reference = _train(tmp_path / "reference", batch_iterator_factory=factory)
+    with pytest.raises(_Interrupted):
+        _train(tmp_path / "resumed", batch_iterator_factory=_interrupting_factory(4, pack=True),
+               compilation_cache_dir=cache)
+    assert list((tmp_path / "resumed" / cache).iterdir())
+    events = []
+
+    def listen(event, **kwargs):
+        events.append(event)
+
+    jax.monitoring.register_event_listener(listen)
+    try:
+        resumed = _train(tmp_path / "resumed", batch_iterator_factory=factory,
+                         compilation_cache_dir=cache)
+    finally:
+        jax.monitoring.unregister_event_listener(listen)
+    assert resumed.step == 6
+    _assert_trees_equal(resumed.state, reference.state)
+    assert events.count("/jax/compilation_cache/cache_hits") >= 1
+    assert "/jax/compilation_cache/cache_misses" not in events
 
 
 def _nan_loss(query, passage):
@@ -277,7 +306,7 @@ def test_smoke_config_end_to_end_without_tensorflow(smoke_run):
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "tensorflow imported: False" in completed.stdout
     assert "samtone-train: step 40/40" in completed.stdout and "MRR" in completed.stdout
-    assert "eval at step 20 on 300 pairs: P@1" in completed.stderr  # train.eval_every
+    assert "eval at step 20 on eval (300 queries, 300 passages)" in completed.stderr  # eval_every
     assert "step 40/40 | loss" in completed.stderr and "examples/s | ETA" in completed.stderr
     assert _final_state(model_dir)[0] == 40
     assert glob.glob(str(model_dir / "train" / "events.out.tfevents.*"))

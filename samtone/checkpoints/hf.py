@@ -1,20 +1,30 @@
-"""Import the encoder of a Hugging Face T5 / T5.1.1 directory as a samtone `T5Encoder` tree.
+"""The encoder of a Hugging Face T5 / T5.1.1 directory as a samtone `T5Encoder` tree, and back.
 
 Reads config.json and the weights: model.safetensors, a sharded model.safetensors.index.json,
-pytorch_model.bin or a sharded pytorch_model.bin.index.json. Torch is only needed for .bin.
-Decoder and LM-head tensors, if present, are ignored.
+pytorch_model.bin or a sharded pytorch_model.bin.index.json. Torch is only needed for .bin,
+which is read with `torch.load(weights_only=True)`: tensors only, nothing else is unpickled.
+Decoder and LM-head tensors, if present, are ignored. `open_hf_t5_encoder` reads one tensor
+at a time (safetensors and .bin are memory-mapped), so a converter never holds the whole
+checkpoint; `load_hf_t5_encoder` collects them into a tree.
+
+The inverse, `save_hf_t5_encoder`, writes a folder `transformers.T5EncoderModel` loads.
 """
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import re
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
+from samtone.data.tokenizer import EOS_ID, PAD_ID
+from samtone.errors import CheckpointError, MissingFileError
 from samtone.models.t5 import FEED_FORWARD_PROJS, T5Config, T5Encoder
 
 # transformers' own defaults for keys a config.json may leave out.
@@ -23,28 +33,36 @@ _HF_DEFAULTS = {
     "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
     "dropout_rate": 0.1, "layer_norm_epsilon": 1e-6, "feed_forward_proj": "relu",
 }
+# Model types with T5's encoder (umt5 has a position bias per layer, which samtone has not).
+T5_MODEL_TYPES = ("t5", "mt5")
 _EMBEDDING_NAMES = ("shared.weight", "encoder.embed_tokens.weight")
 _ATTENTION = {"query": "q", "key": "k", "value": "v", "out": "o"}
 
 
 def t5_config_from_hf(hf_config: dict, *, source: str = "config.json") -> T5Config:
     """Maps a Hugging Face T5 config.json dict onto `T5Config` (float32, no remat, no scan)."""
+    model_type = hf_config.get("model_type", "t5")
+    if model_type not in T5_MODEL_TYPES:
+        raise CheckpointError(f"{source}: model_type={model_type!r} is not a T5 model; expected "
+                              f"one of {T5_MODEL_TYPES} (a T5.1.1 checkpoint such as "
+                              "google/t5-v1_1-base)")
     values = {key: hf_config.get(key, default) for key, default in _HF_DEFAULTS.items()}
     if "num_layers" not in hf_config and "num_hidden_layers" in hf_config:
         values["num_layers"] = hf_config["num_hidden_layers"]
     if values["feed_forward_proj"] not in FEED_FORWARD_PROJS:
-        raise ValueError(
+        raise CheckpointError(
             f"{source}: feed_forward_proj={values['feed_forward_proj']!r} is not supported; "
             f"expected one of {FEED_FORWARD_PROJS}"
         )
     return T5Config(**values)
 
 
-def _hf_name(path: tuple[str, ...]) -> tuple[str | tuple[str, ...], bool]:
+def hf_tensor_name(path: tuple[str, ...]) -> tuple[str | tuple[str, ...], bool]:
     """HF tensor name(s) for one of our parameter paths, and whether it needs a transpose.
 
     HF Linear weights are [out, in] (ours [in, out]); HF's relative_attention_bias is
-    [buckets, heads] (ours [heads, buckets]).
+    [buckets, heads] (ours [heads, buckets]). The token embedding has two names ("shared",
+    or "encoder.embed_tokens" in a T5EncoderModel saved alone).
     """
     if path == ("token_embedder", "embedding"):
         return _EMBEDDING_NAMES, False
@@ -74,34 +92,143 @@ def _weight_files(directory: pathlib.Path) -> list[pathlib.Path]:
             return [directory / single]
         if (directory / index).is_file():
             weight_map = json.loads((directory / index).read_text())["weight_map"]
-            return [directory / name for name in sorted(set(weight_map.values()))]
-    raise FileNotFoundError(
+            files = [directory / name for name in sorted(set(weight_map.values()))]
+            missing = [file.name for file in files if not file.is_file()]
+            if missing:
+                raise MissingFileError(f"{directory / index} names weight files that are "
+                                       f"missing: {', '.join(missing)}")
+            return files
+    raise MissingFileError(
         f"{directory}: no model.safetensors, model.safetensors.index.json, pytorch_model.bin "
         "or pytorch_model.bin.index.json"
     )
 
 
-def _read_safetensors(file: pathlib.Path, wanted: set[str]) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
+class _WeightFiles:
+    """The tensors of a Hugging Face checkpoint's weight files, read one name at a time."""
 
-    tensors = {}
-    with safe_open(file, framework="np") as f:
-        names = wanted.intersection(f.keys())
-        bf16 = {name for name in names if f.get_slice(name).get_dtype() == "BF16"}
-        tensors.update({name: f.get_tensor(name).astype(np.float32) for name in names - bf16})
-    if bf16:  # numpy has no bfloat16: read those through JAX, on the host.
-        with jax.default_device(jax.devices("cpu")[0]), safe_open(file, framework="flax") as f:
-            tensors.update({name: np.asarray(f.get_tensor(name), np.float32) for name in bf16})
-    return tensors
+    def __init__(self, files: list[pathlib.Path]):
+        self.files = files
+        self.origin: dict[str, pathlib.Path] = {}
+        self._torch_states: dict[pathlib.Path, dict] = {}
+        for file in files:
+            self.origin.update(dict.fromkeys(self._names(file), file))
+
+    def _names(self, file: pathlib.Path) -> list[str]:
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+            try:
+                with safe_open(file, framework="np") as f:
+                    return list(f.keys())
+            except Exception as error:  # pylint: disable=broad-except  (SafetensorError, OSError)
+                raise CheckpointError(f"{file}: not a readable safetensors file (truncated or "
+                                      f"damaged?): {error}") from error
+        return list(self._torch_state(file))
+
+    def _torch_state(self, file: pathlib.Path) -> dict:
+        if file not in self._torch_states:
+            try:
+                import torch  # pylint: disable=import-outside-toplevel
+            except ImportError as error:
+                raise ImportError(f"{file}: reading a PyTorch .bin checkpoint needs torch "
+                                  "installed") from error
+            try:
+                # weights_only: tensors and plain containers only; any other pickled object is
+                # refused, never constructed.
+                self._torch_states[file] = torch.load(file, map_location="cpu",
+                                                      weights_only=True, mmap=True)
+            except Exception as error:  # pylint: disable=broad-except
+                raise CheckpointError(f"{file}: cannot be read as a PyTorch state dict of "
+                                      f"tensors (truncated, or holds more than tensors?): "
+                                      f"{type(error).__name__}: {error}") from error
+        return self._torch_states[file]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Tensor `name`'s shape, from the file's header (nothing is read)."""
+        file = self.origin[name]
+        if file.suffix != ".safetensors":
+            return tuple(self._torch_state(file)[name].shape)
+        from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+        with safe_open(file, framework="np") as f:
+            return tuple(f.get_slice(name).get_shape())
+
+    def read(self, name: str) -> np.ndarray:
+        """Tensor `name` as float32 numpy."""
+        file = self.origin[name]
+        try:
+            if file.suffix != ".safetensors":
+                import torch  # pylint: disable=import-outside-toplevel
+                return self._torch_state(file)[name].detach().to(torch.float32).numpy()
+            from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+            with safe_open(file, framework="np") as f:
+                if f.get_slice(name).get_dtype() != "BF16":
+                    return f.get_tensor(name).astype(np.float32)
+            # numpy has no bfloat16: read it through JAX, on the host.
+            with jax.default_device(jax.devices("cpu")[0]), safe_open(file, framework="flax") as f:
+                return np.asarray(f.get_tensor(name), np.float32)
+        except CheckpointError:
+            raise
+        except Exception as error:  # pylint: disable=broad-except
+            raise CheckpointError(f"{file}: cannot read tensor {name!r} (file truncated or "
+                                  f"damaged?): {type(error).__name__}: {error}") from error
 
 
-def _read_torch(file: pathlib.Path, wanted: set[str]) -> dict[str, np.ndarray]:
+def read_hf_config(path: str | os.PathLike) -> T5Config:
+    """The T5Config of a Hugging Face T5 folder's config.json."""
+    config_file = pathlib.Path(path) / "config.json"
+    if not config_file.is_file():
+        raise MissingFileError(f"{pathlib.Path(path)}: no config.json (expected a Hugging Face "
+                               "T5 directory)")
     try:
-        import torch
-    except ImportError as error:
-        raise ImportError(f"{file}: reading a PyTorch .bin checkpoint needs torch installed") from error
-    state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    return {name: state[name].detach().to(torch.float32).numpy() for name in wanted.intersection(state)}
+        fields = json.loads(config_file.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{config_file}: not JSON: {error}") from error
+    return t5_config_from_hf(fields, source=str(config_file))
+
+
+def encoder_shapes(config: T5Config) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Every parameter path of an unscanned T5Encoder of `config`, and its shape."""
+    abstract = jax.eval_shape(
+        lambda: T5Encoder(config).init(jax.random.key(0), jnp.ones((1, 1), jnp.int32))["params"])
+    return {path: leaf.shape for path, leaf in
+            traverse_util.flatten_dict(nn.unbox(abstract)).items()}
+
+
+def open_hf_t5_encoder(path: str | os.PathLike
+                       ) -> tuple[T5Config, dict[tuple[str, ...], Callable[[], np.ndarray]]]:
+    """(T5Config, parameter path -> a function reading that float32 array) of a Hugging Face
+    T5 folder, without reading any array.
+
+    Every expected tensor is checked to exist and to have the shape config.json implies (from
+    the files' headers) first; an error names the tensor, the parameter and both shapes. Each
+    function reads its one tensor (a converter holds one array at a time).
+    """
+    directory = pathlib.Path(path)
+    config = read_hf_config(directory)
+    files = _weight_files(directory)
+    weights = _WeightFiles(files)
+    readers = {}
+    for our_path, shape in encoder_shapes(config).items():
+        hf_name, transpose = hf_tensor_name(our_path)
+        candidates = [hf_name] if isinstance(hf_name, str) else list(hf_name)
+        name = next((c for c in candidates if c in weights.origin), None)
+        if name is None:
+            raise CheckpointError(
+                f"{', '.join(map(str, files))}: missing tensor "
+                f"{' or '.join(map(repr, candidates))} for {'/'.join(our_path)} (config.json: "
+                f"num_layers={config.num_layers}, feed_forward_proj={config.feed_forward_proj!r})")
+        stored = weights.shape(name)
+        if (stored[::-1] if transpose else stored) != shape:
+            raise CheckpointError(
+                f"{weights.origin[name]}: tensor {name!r} has shape {stored}; config.json "
+                f"implies {shape[::-1] if transpose else shape} for {'/'.join(our_path)}")
+
+        def read(name=name, transpose=transpose):
+            tensor = weights.read(name)
+            return np.ascontiguousarray(tensor.T if transpose else tensor)
+
+        readers[our_path] = read
+    return config, readers
 
 
 def load_hf_t5_encoder(path) -> tuple[T5Config, dict]:
@@ -110,49 +237,50 @@ def load_hf_t5_encoder(path) -> tuple[T5Config, dict]:
     The params are the unscanned, unboxed `T5Encoder` tree (t5x names); use
     `samtone.models.t5.stack_layer_params` for a `scan_layers=True` model.
     """
-    directory = pathlib.Path(path)
-    config_file = directory / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{directory}: no config.json (expected a Hugging Face T5 directory)")
-    config = t5_config_from_hf(json.loads(config_file.read_text()), source=str(config_file))
+    config, readers = open_hf_t5_encoder(path)
+    return config, traverse_util.unflatten_dict(
+        {our_path: read() for our_path, read in readers.items()})
 
-    abstract = jax.eval_shape(
-        lambda: T5Encoder(config).init(jax.random.key(0), jnp.ones((1, 1), jnp.int32))["params"]
-    )
-    wanted_paths = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract))[0]
-    names = {}
-    for key_path, leaf in wanted_paths:
-        our_path = tuple(k.key for k in key_path)
-        names[our_path] = (*_hf_name(our_path), leaf.shape)
-    wanted = set(_EMBEDDING_NAMES)
-    for hf_name, _, _ in names.values():
-        wanted.update([hf_name] if isinstance(hf_name, str) else hf_name)
 
-    files = _weight_files(directory)
-    tensors, origin = {}, {}
-    for file in files:
-        read = _read_safetensors if file.suffix == ".safetensors" else _read_torch
-        found = read(file, wanted - tensors.keys())
-        tensors.update(found)
-        origin.update(dict.fromkeys(found, file))
+# --- the inverse: samtone -> transformers ---------------------------------------------------
 
-    params = {}
-    for our_path, (hf_name, transpose, shape) in names.items():
-        candidates = [hf_name] if isinstance(hf_name, str) else list(hf_name)
-        name = next((c for c in candidates if c in tensors), None)
-        if name is None:
-            raise ValueError(
-                f"{', '.join(map(str, files))}: missing tensor {' or '.join(map(repr, candidates))} for {'/'.join(our_path)} "
-                f"(config.json: num_layers={config.num_layers}, feed_forward_proj={config.feed_forward_proj!r})"
-            )
-        value = tensors[name].T if transpose else tensors[name]
-        if value.shape != shape:
-            raise ValueError(
-                f"{origin[name]}: tensor {name!r} has shape {tensors[name].shape}; config.json implies "
-                f"{shape[::-1] if transpose else shape} for {'/'.join(our_path)}"
-            )
-        node = params
-        for key in our_path[:-1]:
-            node = node.setdefault(key, {})
-        node[our_path[-1]] = np.ascontiguousarray(value)
-    return config, params
+
+def to_hf_config(config: T5Config):
+    """The transformers.T5Config of a T5EncoderModel with samtone's `config` (float32)."""
+    import transformers  # pylint: disable=import-outside-toplevel
+    return transformers.T5Config(
+        vocab_size=config.vocab_size, d_model=config.d_model, d_kv=config.d_kv,
+        d_ff=config.d_ff, num_layers=config.num_layers, num_heads=config.num_heads,
+        relative_attention_num_buckets=config.relative_attention_num_buckets,
+        relative_attention_max_distance=config.relative_attention_max_distance,
+        dropout_rate=config.dropout_rate, layer_norm_epsilon=config.layer_norm_epsilon,
+        feed_forward_proj=config.feed_forward_proj, use_cache=False, pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID, decoder_start_token_id=PAD_ID, architectures=["T5EncoderModel"],
+        dtype="float32")
+
+
+def to_hf_state_dict(encoder_params: Any) -> dict[str, np.ndarray]:
+    """An unscanned T5Encoder tree as transformers' T5EncoderModel tensors (float32 numpy).
+
+    Linear weights and the relative attention bias are transposed; the bias lives in block 0,
+    shared by all layers as here.
+    """
+    tensors = {}
+    for path, value in traverse_util.flatten_dict(nn.unbox(encoder_params)).items():
+        name, transpose = hf_tensor_name(path)
+        if not isinstance(name, str):  # the token embedding's names; T5 stores "shared"
+            name = "shared.weight"
+        value = np.asarray(jax.device_get(value), np.float32)
+        tensors[name] = np.ascontiguousarray(value.T if transpose else value)
+    return tensors
+
+
+def save_hf_t5_encoder(directory: str | os.PathLike, config: T5Config, encoder_params: Any
+                       ) -> None:
+    """config.json and model.safetensors that transformers.T5EncoderModel.from_pretrained reads."""
+    import safetensors.numpy  # pylint: disable=import-outside-toplevel
+    os.makedirs(directory, exist_ok=True)
+    to_hf_config(config).save_pretrained(directory)
+    safetensors.numpy.save_file(to_hf_state_dict(encoder_params),
+                                os.path.join(directory, "model.safetensors"),
+                                metadata={"format": "pt"})

@@ -66,14 +66,17 @@ def abstract_state(shapes: Any, shardings: Any) -> Any:
 
 
 def restore_checkpoint(manager: ocp.CheckpointManager, target: Any, *,
-                       step: int | None = None) -> tuple[Any, dict, int] | None:
+                       step: int | None = None, newest: int | None = None
+                       ) -> tuple[Any, dict, int] | None:
     """Restores (state, data_state, step) onto `target`'s shardings; None if no checkpoint.
 
-    Without `step`, the newest step that restores is used; each damaged newer step is moved
-    aside (`<step>.damaged`) with a warning, so it is neither retried nor in the way of the
-    save that will write that step again.
+    Without `step`, the newest step (at most `newest`: the step all processes agreed on) that
+    restores is used; each damaged newer step is moved aside (`<step>.damaged`) with a
+    warning, so it is neither retried nor in the way of the save that will write that step
+    again.
     """
-    steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
+    steps = [step] if step is not None else sorted(
+        (s for s in manager.all_steps() if newest is None or s <= newest), reverse=True)
     damaged = []
     for candidate in steps:
         args = ocp.args.Composite(**{STATE: ocp.args.StandardRestore(target),

@@ -10,12 +10,15 @@ On disk a T5X checkpoint directory (`checkpoint_<step>/`) holds:
     the relative path as a top-level "path".)
   * one `target.<dotted param path>` zarr folder per large parameter (gzip chunks).
 
-`load_t5x_checkpoint` returns the `target` tree as stored, with t5x names; the converters
+`load_t5x_checkpoint` returns the `target` tree as stored, with t5x names;
+`open_t5x_checkpoint` the same tree without reading the zarr folders (their leaves are
+`StoredArray`s, each read on its own, so a converter holds one array at a time). The converters
 below map it onto samtone's T5Encoder / DualEncoder trees. Only unscanned checkpoints
 (`layers_0`, `layers_1`, ...) are supported; the optimizer state is read but dropped.
 """
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import os
@@ -26,6 +29,7 @@ import flax.serialization
 import msgpack
 import numpy as np
 
+from samtone.errors import CheckpointError, MissingFileError
 from samtone.models import dual_encoder
 
 CHECKPOINT_FILE = "checkpoint"
@@ -42,31 +46,96 @@ def load_t5x_checkpoint(path: str | os.PathLike) -> dict:
       `{"token_embedder": {"embedding"}, "encoder": {"relpos_bias", "layers_0", ...,
       "encoder_norm"}, "projection_layer": {"kernel"}}`. Arrays keep their stored dtype.
     """
+    tree = open_t5x_checkpoint(path)
+    stored = [(key, leaf) for key, leaf in _leaves(tree) if isinstance(leaf, StoredArray)]
+    for (key, _), array in zip(stored, _read_all([leaf for _, leaf in stored])):
+        node = tree
+        for name in key[:-1]:
+            node = node[name]
+        node[key[-1]] = array
+    return tree
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredArray:
+    """A parameter kept in its own zarr folder of a T5X checkpoint, read when asked."""
+
+    where: str  # "target/encoder/layers_0/mlp/wi/kernel"
+    folder: str
+    shape: tuple[int, ...] | None  # as the msgpack spec records it
+    checkpoint_file: str
+
+    def read(self) -> np.ndarray:
+        """The array (tensorstore if installed, else numpy), its shape checked."""
+        try:
+            import tensorstore  # pylint: disable=import-outside-toplevel
+        except ImportError:
+            tensorstore = None
+        try:
+            if tensorstore is None:
+                array = read_zarr_v2(self.folder)
+            else:
+                array = np.asarray(tensorstore.open(_zarr_spec(self.folder), open=True,
+                                                    read=True).result().read().result())
+        except Exception as error:  # pylint: disable=broad-except  (tensorstore, OS, zlib)
+            raise self.error(error) from error
+        self.check(array)
+        return array
+
+    def error(self, error: Exception) -> CheckpointError:
+        if not os.path.isdir(self.folder):
+            return CheckpointError(f"{self.checkpoint_file}: cannot read {self.where}: its "
+                                   f"folder {self.folder} is missing")
+        return CheckpointError(f"{self.checkpoint_file}: cannot read {self.where} from "
+                               f"{self.folder} (truncated or damaged?): {error}")
+
+    def check(self, array: np.ndarray) -> None:
+        if self.shape is not None and self.shape != array.shape:
+            raise CheckpointError(f"{self.checkpoint_file}: {self.where} should have shape "
+                                  f"{self.shape}, but {self.folder} holds {array.shape}")
+
+
+def open_t5x_checkpoint(path: str | os.PathLike) -> dict:
+    """The `optimizer/target` tree of a T5X checkpoint without reading its zarr folders.
+
+    Leaves are numpy arrays (those stored inline in the msgpack file) or `StoredArray`s,
+    each read on its own with `.read()`: a converter holds one array at a time.
+    """
     checkpoint_file, checkpoint_dir = _locate(os.fspath(path))
     with open(checkpoint_file, "rb") as f:
         encoded = f.read()
     try:
         contents = flax.serialization.msgpack_restore(encoded)
     except Exception as e:  # msgpack raises several unrelated types on bad input
-        raise ValueError(f"{checkpoint_file}: not a T5X msgpack checkpoint ({type(e).__name__}: {e})") from e
+        raise CheckpointError(f"{checkpoint_file}: not a T5X msgpack checkpoint (truncated or "
+                              f"damaged?) ({type(e).__name__}: {e})") from e
     target = _target_of(contents, checkpoint_file)
-    return _materialize(target, checkpoint_dir, checkpoint_file)
+    return _walk(target, checkpoint_dir, checkpoint_file)
+
+
+def _leaves(tree: dict, key: tuple[str, ...] = ()):
+    for name, child in tree.items():
+        if isinstance(child, dict):
+            yield from _leaves(child, key + (name,))
+        else:
+            yield key + (name,), child
 
 
 def _locate(path: str) -> tuple[str, str]:
     if "://" in path:
-        raise ValueError(f"{path}: only local checkpoints can be read; copy it locally first (gsutil -m cp -r)")
+        raise CheckpointError(f"{path}: only local checkpoints can be read; copy it locally "
+                              "first (gsutil -m cp -r)")
     if os.path.isdir(path):
         checkpoint_file = os.path.join(path, CHECKPOINT_FILE)
         if not os.path.isfile(checkpoint_file):
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{path}: no '{CHECKPOINT_FILE}' file; expected a T5X checkpoint directory such as "
                 f"'.../checkpoint_1000' (found {sorted(os.listdir(path))[:8]})"
             )
         return checkpoint_file, path
     if os.path.isfile(path):
         return path, os.path.dirname(os.path.abspath(path))
-    raise FileNotFoundError(f"{path}: no such T5X checkpoint directory or file")
+    raise MissingFileError(f"{path}: no such T5X checkpoint directory or file")
 
 
 def _target_of(contents: Any, checkpoint_file: str) -> dict:
@@ -74,7 +143,7 @@ def _target_of(contents: Any, checkpoint_file: str) -> dict:
         contents = contents["optimizer"]
     if not isinstance(contents, dict) or not isinstance(contents.get("target"), dict):
         found = sorted(contents) if isinstance(contents, dict) else type(contents).__name__
-        raise ValueError(
+        raise CheckpointError(
             f"{checkpoint_file}: expected {{'optimizer': {{'target': params, ...}}}}, found top-level {found}"
         )
     return contents["target"]
@@ -84,30 +153,34 @@ def _is_tensorstore_spec(value: Any) -> bool:
     return isinstance(value, dict) and isinstance(value.get("driver"), str)
 
 
-def _materialize(target: dict, checkpoint_dir: str, checkpoint_file: str) -> dict:
-    """Inline leaves as writable numpy arrays; tensorstore specs read from their folders."""
-    specs: list[tuple[tuple[str, ...], dict]] = []
+def _walk(target: dict, checkpoint_dir: str, checkpoint_file: str) -> dict:
+    """Inline leaves as writable numpy arrays; tensorstore specs as `StoredArray`s."""
 
     def walk(node: Any, key: tuple[str, ...]) -> Any:
         where = "/".join(("target",) + key)
         if _is_tensorstore_spec(node):
-            specs.append((key, node))
-            return None
+            if node["driver"] != "zarr":
+                raise CheckpointError(f"{checkpoint_file}: {where} uses tensorstore driver "
+                                      f"{node['driver']!r}; only zarr")
+            try:
+                folder = _folder_of(node, checkpoint_dir)
+            except KeyError:
+                raise CheckpointError(f"{checkpoint_file}: {where} is a tensorstore spec "
+                                      f"without a path: {node}") from None
+            shape = node.get("metadata", {}).get("shape")
+            return StoredArray(where, folder, None if shape is None else tuple(shape),
+                               checkpoint_file)
         if isinstance(node, dict):
             return {str(name): walk(child, key + (str(name),)) for name, child in node.items()}
         if isinstance(node, msgpack.ExtType):
-            raise ValueError(f"{checkpoint_file}: {where} uses unsupported msgpack ext type {node.code}")
+            raise CheckpointError(f"{checkpoint_file}: {where} uses unsupported msgpack ext "
+                                  f"type {node.code}")
         if isinstance(node, (np.ndarray, np.generic, int, float, complex, bool)):
             return np.array(node)
-        raise ValueError(f"{checkpoint_file}: {where} holds a {type(node).__name__}, expected an array")
+        raise CheckpointError(f"{checkpoint_file}: {where} holds a {type(node).__name__}, "
+                              "expected an array")
 
-    tree = walk(target, ())
-    for key, array in zip([key for key, _ in specs], _read_specs(specs, checkpoint_dir, checkpoint_file)):
-        node = tree
-        for name in key[:-1]:
-            node = node[name]
-        node[key[-1]] = array
-    return tree
+    return walk(target, ())
 
 
 def _folder_of(spec: dict, checkpoint_dir: str) -> str:
@@ -124,57 +197,31 @@ def _folder_of(spec: dict, checkpoint_dir: str) -> str:
     return os.path.join(checkpoint_dir, relative)
 
 
-def _read_specs(specs, checkpoint_dir: str, checkpoint_file: str) -> list[np.ndarray]:
-    """Reads every spec's array, all in flight at once when tensorstore is available."""
-    folders = []
-    for key, spec in specs:
-        where = "/".join(("target",) + key)
-        if spec["driver"] != "zarr":
-            raise ValueError(f"{checkpoint_file}: {where} uses tensorstore driver {spec['driver']!r}; only zarr")
-        try:
-            folders.append(_folder_of(spec, checkpoint_dir))
-        except KeyError:
-            raise ValueError(f"{checkpoint_file}: {where} is a tensorstore spec without a path: {spec}") from None
+def _zarr_spec(folder: str) -> dict:
+    return {"driver": "zarr", "kvstore": {"driver": "file", "path": folder}}
+
+
+def _read_all(stored: list[StoredArray]) -> list[np.ndarray]:
+    """Reads every array, all in flight at once when tensorstore is available."""
     try:
-        import tensorstore
+        import tensorstore  # pylint: disable=import-outside-toplevel
     except ImportError:
-        tensorstore = None
+        return [leaf.read() for leaf in stored]
+    opened = [tensorstore.open(_zarr_spec(leaf.folder), open=True, read=True) for leaf in stored]
+    reads = []
+    for leaf, future in zip(stored, opened):
+        try:
+            reads.append(future.result().read())
+        except Exception as e:  # pylint: disable=broad-except
+            raise leaf.error(e) from e
     arrays = []
-    if tensorstore is not None:
-        opened = [
-            tensorstore.open({"driver": "zarr", "kvstore": {"driver": "file", "path": folder}}, open=True, read=True)
-            for folder in folders
-        ]
-        reads = []
-        for (key, _), folder, future in zip(specs, folders, opened):
-            try:
-                reads.append(future.result().read())
-            except Exception as e:
-                raise _read_error(checkpoint_file, key, folder, e) from e
-        for (key, _), folder, future in zip(specs, folders, reads):
-            try:
-                arrays.append(np.asarray(future.result()))
-            except Exception as e:
-                raise _read_error(checkpoint_file, key, folder, e) from e
-    else:
-        for (key, _), folder in zip(specs, folders):
-            try:
-                arrays.append(read_zarr_v2(folder))
-            except Exception as e:
-                raise _read_error(checkpoint_file, key, folder, e) from e
-    for (key, spec), folder, array in zip(specs, folders, arrays):
-        expected = spec.get("metadata", {}).get("shape")
-        if expected is not None and tuple(expected) != array.shape:
-            where = "/".join(("target",) + key)
-            raise ValueError(
-                f"{checkpoint_file}: {where} should have shape {tuple(expected)}, but {folder} holds {array.shape}"
-            )
+    for leaf, future in zip(stored, reads):
+        try:
+            arrays.append(np.asarray(future.result()))
+        except Exception as e:  # pylint: disable=broad-except
+            raise leaf.error(e) from e
+        leaf.check(arrays[-1])
     return arrays
-
-
-def _read_error(checkpoint_file: str, key: tuple[str, ...], folder: str, error: Exception) -> ValueError:
-    where = "/".join(("target",) + key)
-    return ValueError(f"{checkpoint_file}: cannot read {where} from {folder}: {error}")
 
 
 def read_zarr_v2(folder: str) -> np.ndarray:
@@ -222,7 +269,8 @@ def _bfloat16() -> np.dtype:
 def _child(tree: dict, name: str, where: str) -> Any:
     if not isinstance(tree, dict) or name not in tree:
         found = sorted(tree) if isinstance(tree, dict) else type(tree).__name__
-        raise KeyError(f"T5X params: expected '{where}{name}', found {found} at '{where or '/'}'")
+        raise CheckpointError(f"T5X params: expected '{where}{name}', found {found} at "
+                              f"'{where or '/'}' (not a T5 encoder checkpoint?)")
     return tree[name]
 
 
@@ -236,8 +284,8 @@ def t5x_encoder_to_samtone(t5x_params: dict) -> dict:
     t5x_params = t5x_params.get("params", t5x_params)
     encoder = _child(t5x_params, "encoder", "")
     if "layers" in encoder:
-        raise ValueError("T5X params: encoder/layers is a scanned layer stack; only unscanned "
-                         "checkpoints (encoder/layers_0, layers_1, ...) are supported")
+        raise CheckpointError("T5X params: encoder/layers is a scanned layer stack; only "
+                              "unscanned checkpoints (encoder/layers_0, layers_1, ...) are supported")
     for name in ("relpos_bias", "encoder_norm", "layers_0"):
         _child(encoder, name, "encoder/")
     return {"token_embedder": _child(t5x_params, "token_embedder", ""), **encoder}
@@ -253,7 +301,7 @@ def t5x_dual_encoder_to_samtone(t5x_params: dict, architecture: str) -> dict:
     t5x_params = t5x_params.get("params", t5x_params)
     encoder = t5x_encoder_to_samtone(t5x_params)
     if "projection_layer" not in t5x_params:
-        raise KeyError(
+        raise CheckpointError(
             f"T5X params: no 'projection_layer' (found {sorted(t5x_params)}); a pretrained T5 checkpoint "
             "has none: use t5x_encoder_to_samtone with samtone.models.dual_encoder.tower_params"
         )

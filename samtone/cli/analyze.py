@@ -1,6 +1,7 @@
 """`samtone-analyze`: the paper's embedding-space figures and numbers (samtone.analysis).
 
-    samtone-analyze --model_dir=runs/base --data=pairs.jsonl --output_dir=analysis/base
+    samtone-analyze --model_dir=runs/samtone --data=pairs.jsonl --output_dir=analysis \
+        [--compare=runs/in_batch_softmax]
 """
 from __future__ import annotations
 
@@ -19,8 +20,13 @@ def define_flags() -> None:
                         "samtone-export directory.", required=True)
     flags.DEFINE_list("data", None, "(query, passage) pairs: JSONL/TSV/BEIR folder, globs.",
                       required=True)
-    flags.DEFINE_string("output_dir", None, "Where tsne.png, distances.png and summary.json "
-                        "go.", required=True)
+    flags.DEFINE_string("output_dir", None, "Where tsne.png, distances.png, similarities.png "
+                        "and summary.json go.", required=True)
+    flags.DEFINE_string("compare", None, "A second run (or export) drawn in every figure next "
+                        "to --model_dir's, e.g. in-batch softmax against SamToNe.")
+    flags.DEFINE_string("split", "test", "The qrels split when --data is a BEIR folder.")
+    flags.DEFINE_integer("max_samples", 100_000, "Most random pairs i != j in "
+                         "similarities.png.", lower_bound=2)
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
     flags.DEFINE_integer("batch_size", 128, "Texts encoded at once.", lower_bound=1)
     flags.DEFINE_integer("max_points", 2000, "Most queries + passages in the t-SNE plot.",
@@ -32,13 +38,23 @@ def main(argv: Sequence[str]) -> None:
     del argv
     output_dir = common.absolute_path(FLAGS.output_dir)
     summary = analysis.analyze(common.absolute_path(FLAGS.model_dir),
-                               common.absolute_paths(FLAGS.data), output_dir, step=FLAGS.step,
-                               batch_size=FLAGS.batch_size, max_points=FLAGS.max_points,
+                               common.absolute_paths(FLAGS.data), output_dir,
+                               compare=common.absolute_path(FLAGS.compare), split=FLAGS.split,
+                               step=FLAGS.step, batch_size=FLAGS.batch_size,
+                               max_points=FLAGS.max_points, max_samples=FLAGS.max_samples,
                                seed=FLAGS.seed)
-    for name, value in summary.items():
-        print(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
-    print(f"samtone-analyze: wrote tsne.png, distances.png, summary.json to {output_dir}",
+    columns = [summary] + ([summary["compare"]] if "compare" in summary else [])
+    names = analysis.run_names([column["model_dir"] for column in columns])
+    print(f"  {'':<30}" + "".join(f"{name[-16:]:>18}" for name in names))
+    for key, value in summary.items():
+        if key not in ("compare", "model_dir"):
+            print(f"  {key:<30}" + "".join(_cell(column[key]) for column in columns))
+    print(f"samtone-analyze: wrote {', '.join(analysis.FIGURES)}, summary.json to {output_dir}",
           flush=True)
+
+
+def _cell(value) -> str:
+    return f"{value:>18.4f}" if isinstance(value, float) else f"{value!s:>18}"
 
 
 def console_entry() -> None:

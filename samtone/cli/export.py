@@ -1,6 +1,9 @@
-"""`samtone-export`: a self-contained serving folder from a samtone-train run (samtone.export).
+"""`samtone-export`: a serving folder from a samtone-train run or a converted checkpoint.
 
-    samtone-export --model_dir=runs/base --export_dir=exports/base [--step=N] [--overwrite]
+    samtone-export --model_dir=runs/base --output=exports/base \
+        [--format=jax|sentence_transformers|saved_model] [--step=N] [--overwrite]
+
+(`--export_dir` is the former name of `--output`.) samtone.export describes the formats.
 """
 from __future__ import annotations
 
@@ -13,28 +16,45 @@ from samtone.cli import common
 
 FLAGS = flags.FLAGS
 
+# How to use each format, printed after the export (OUT is the output folder).
+_NEXT = {
+    "jax": "samtone.inference.Encoder.load({out!r}).encode_queries([...])",
+    "sentence_transformers": ("sentence_transformers.SentenceTransformer({out!r})"
+                              ".encode_query([...])"),
+    "saved_model": ("import tensorflow_text; tf.saved_model.load({out!r})"
+                    ".signatures['embed_queries'](texts=tf.constant([...]))"),
+}
+
 
 def define_flags() -> None:
-    flags.DEFINE_string("model_dir", None, "MODEL_DIR of a samtone-train run (model.json and "
-                        "checkpoints/).", required=True)
-    flags.DEFINE_string("export_dir", None, "Directory to write (local path).", required=True)
+    flags.DEFINE_string("model_dir", None, "MODEL_DIR of a samtone-train run or a "
+                        "samtone-convert output (model.json and checkpoints/).", required=True)
+    flags.DEFINE_string("output", None, "Folder to write (local path).", required=True)
+    flags.DEFINE_alias("export_dir", "output")
+    flags.DEFINE_enum("format", "jax", list(export.FORMATS),
+                      "jax: safetensors + StableHLO; sentence_transformers: a folder "
+                      "SentenceTransformer() loads; saved_model: a TF SavedModel (strings in).")
     flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the newest).")
-    flags.DEFINE_bool("overwrite", False, "Replace export_dir if it exists and is not empty.")
-    flags.DEFINE_list("platforms", list(export.DEFAULT_PLATFORMS), "Platforms to lower the "
-                      "StableHLO for (cpu, cuda, rocm, tpu).")
+    flags.DEFINE_bool("overwrite", False, "Replace the output folder if it exists and is not "
+                      "empty.")
+    flags.DEFINE_list("platforms", list(export.DEFAULT_PLATFORMS), "Platforms the jax and "
+                      "saved_model formats lower the towers for (cpu, cuda, rocm, tpu).")
 
 
 def main(argv: Sequence[str]) -> None:
     del argv
-    model_dir, export_dir = common.absolute_path(FLAGS.model_dir), common.absolute_path(
-        FLAGS.export_dir)
-    config = export.export_model(model_dir, export_dir, step=FLAGS.step,
-                                 overwrite=FLAGS.overwrite, platforms=FLAGS.platforms)
-    print(f"samtone-export: step {config['step']} of {model_dir}, {config['architecture']}, "
-          f"{config['projection_dim']}-d embeddings, platforms {', '.join(config['platforms'])}"
-          f"\nwritten to: {export_dir}"
-          f"\nnext: samtone.inference.Encoder.load({export_dir!r}).encode_queries([...])",
-          flush=True)
+    model_dir, output = common.absolute_path(FLAGS.model_dir), common.absolute_path(
+        FLAGS.output)
+    manifest = export.export_model(model_dir, output, format=FLAGS.format, step=FLAGS.step,
+                                   overwrite=FLAGS.overwrite, platforms=FLAGS.platforms)
+    platforms = (f", platforms {', '.join(manifest['platforms'])}" if "platforms" in manifest
+                 else "")
+    print(f"samtone-export: step {manifest['step']} of {model_dir} as {FLAGS.format}, "
+          f"{manifest['architecture']}, {manifest['projection_dim']}-d embeddings{platforms}"
+          f"\nwritten to: {output} (manifest: samtone_export.json)"
+          f"\nnext: {_NEXT[FLAGS.format].format(out=output)}"
+          + ("" if FLAGS.format == "jax" else
+             f"\n      or samtone.inference.Encoder.load({output!r})"), flush=True)
 
 
 def console_entry() -> None:

@@ -1,7 +1,7 @@
 """`samtone-mine`: hard negatives for a training file from a trained run (samtone.mine).
 
     samtone-mine --model_dir=runs/base --train_data=pairs.jsonl --output=pairs_hn.jsonl --k=4 \
-        [--corpus=corpus.jsonl] [--margin=0.05]
+        [--corpus=corpus.jsonl] [--margin=0.05] [--approximate]
 """
 from __future__ import annotations
 
@@ -29,8 +29,12 @@ def define_flags() -> None:
     flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the newest).")
     flags.DEFINE_integer("batch_size", 128, "Texts encoded at once (a multiple of the data "
                          "axis).", lower_bound=1)
-    flags.DEFINE_integer("block_size", None, "Queries scored at once (default: ~2^26 scores).",
-                         lower_bound=1)
+    flags.DEFINE_integer("block_size", None, "Queries scored at once (default: samtone.search's "
+                         "chunk, ~2^26 scores per device).", lower_bound=1)
+    flags.DEFINE_bool("approximate", False, "Approximate top-k (jax.lax.approx_max_k) for "
+                      "corpora of millions; exact otherwise.")
+    flags.DEFINE_float("recall_target", 0.95, "--approximate: the recall it aims at.",
+                       lower_bound=0.0, upper_bound=1.0)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -39,7 +43,8 @@ def main(argv: Sequence[str]) -> None:
     stats = mine.mine_training_file(
         common.absolute_path(FLAGS.model_dir), common.absolute_paths(FLAGS.train_data), output,
         k=FLAGS.k, margin=FLAGS.margin, corpus=common.absolute_paths(FLAGS.corpus),
-        step=FLAGS.step, batch_size=FLAGS.batch_size, block_size=FLAGS.block_size)
+        step=FLAGS.step, batch_size=FLAGS.batch_size, block_size=FLAGS.block_size,
+        approximate=FLAGS.approximate, recall_target=FLAGS.recall_target)
     print(f"samtone-mine: {stats.written} of {stats.examples} examples with {FLAGS.k} negatives "
           f"each ({stats.dropped} dropped: too few candidates), corpus of {stats.corpus_size} "
           f"passages\nwritten to: {output}\nnext: samtone-train ... "

@@ -22,6 +22,7 @@ from absl import flags
 from absl import logging
 from etils import epath
 
+from samtone import xla_flags
 from samtone.cli import common
 from samtone.cli import gin_parsing
 from samtone.cli import gin_registry
@@ -112,7 +113,7 @@ def summary(result, model_dir: str, total_steps: int) -> str:
     if result.eval_metrics:
         lines.append("")
         lines.append(f"  {'metric':<12}{'value':>8}")
-        lines.extend(f"  {name.upper():<12}{value:>8.4f}"
+        lines.extend(f"  {name:<12}{value:>8.4f}"
                      for name, value in result.eval_metrics.items())
     lines.append("")
     lines.append(f"checkpoint: {result.checkpoint}")
@@ -120,12 +121,15 @@ def summary(result, model_dir: str, total_steps: int) -> str:
                  f"--logdir {shlex.quote(model_dir)})")
     eval_data = gin_parsing.setting("train.eval_data", None)
     data = eval_data if isinstance(eval_data, str) else "HELD_OUT.jsonl"
+    split = gin_parsing.setting("train.eval_split", "test")
     quoted = shlex.quote(model_dir)
     lines.append("next:")
+    lines.append(f"  evaluate: samtone-eval --model_dir={quoted} --data={shlex.quote(data)}"
+                 + (" --split=" + shlex.quote(split) if split != "test" else ""))
     lines.append(f"  analyze:  samtone-analyze --model_dir={quoted} --data={shlex.quote(data)} "
                  f"--output_dir={shlex.quote(model_dir + '/analysis')}")
     lines.append(f"  export:   samtone-export --model_dir={quoted} "
-                 f"--export_dir={shlex.quote(model_dir + '/export')}")
+                 f"--output={shlex.quote(model_dir + '/export')}")
     lines.append(f"  mine:     samtone-mine --model_dir={quoted} --train_data=TRAIN.jsonl "
                  "--output=mined.jsonl --k=4")
     return "\n".join(lines)
@@ -156,6 +160,7 @@ def main(argv: Sequence[str]) -> None:
 
 def console_entry() -> None:
     """`samtone-train` and `python -m samtone.cli.train`."""
+    xla_flags.add_cpu_flags()  # before JAX starts its backend
     define_flags()
     common.run(main, gin_parsing.rewrite_gin_args(sys.argv))
 

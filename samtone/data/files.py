@@ -29,7 +29,7 @@ import json
 import logging
 import math
 import os
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Container, Iterator, Sequence
 
 from samtone.errors import ConfigError, DataError, MissingFileError
 
@@ -324,34 +324,72 @@ def _tsv_parser() -> Callable[[str, int, str], Example | None]:
 
 
 def _beir_texts(reader: _Reader, path: str) -> dict[str, str]:
-    """`_id` -> text (title + " " + text when there is a title) from a BEIR jsonl file."""
+    """`_id` -> text (title + " " + text when there is a title) from a BEIR jsonl file.
+
+    Every line needs an `_id` seen on no other line and a `text` field; an empty text is
+    allowed when the title is not (a few BEIR corpora have title-only documents).
+    """
+    first_line: dict[str, int] = {}
 
     def parse(path: str, line: int, text: str) -> tuple[str, str]:
         record = _json_object(path, line, text)
         identifier = _identifier(record.get("_id"), path, line, "_id")
         if identifier is None:
             raise DataError(path, line, "_id", "is missing")
-        body = _text(record.get("text"), path, line, "text")
+        if identifier in first_line:
+            raise DataError(path, line, "_id", f"{identifier!r} repeats the id of line "
+                            f"{first_line[identifier]}")
         title = record.get("title") or ""
         if not isinstance(title, str):
-            raise DataError(path, line, "title", f"must be a string, got {type(title).__name__}")
-        return identifier, f"{title.strip()} {body}" if title.strip() else body
+            raise DataError(path, line, "title", f"must be a string, got {type(title).__name__} "
+                            f"(id {identifier!r})")
+        body = record.get("text")
+        if not (isinstance(body, str) and not body.strip() and title.strip()):
+            try:
+                body = _text(body, path, line, "text")
+            except DataError as error:
+                raise DataError(path, line, "text", f"{error.problem} (id {identifier!r})"
+                                ) from None
+        first_line[identifier] = line
+        return identifier, f"{title.strip()} {body}".strip() if title.strip() else body
 
     return dict(reader.records(path, parse))
 
 
-def _read_beir(reader: _Reader, folder: str, split: str) -> Iterator[Example]:
-    folder = folder.rstrip("/")
+def beir_files(folder: str | os.PathLike, split: str) -> tuple[str, str, str]:
+    """Paths of a BEIR folder's corpus.jsonl, queries.jsonl and qrels/<split>.tsv, each
+    checked to exist (MissingFileError naming the file, and the splits there are)."""
+    folder = os.fspath(folder).rstrip("/")
+    corpus, queries = f"{folder}/corpus.jsonl", f"{folder}/queries.jsonl"
     qrels = f"{folder}/qrels/{split}.tsv"
+    for path in (corpus, queries):
+        if not _exists(path):
+            raise MissingFileError(f"BEIR folder {folder!r} has no {os.path.basename(path)} "
+                                   f"({path} not found)")
     if not _exists(qrels):
+        found = sorted(os.path.basename(p)[:-len(".tsv")] for p in _glob(f"{folder}/qrels/*.tsv"))
         raise MissingFileError(
-            f"BEIR folder {folder!r} has no qrels/{split}.tsv (split={split!r}; BEIR splits "
-            "are usually train, dev, test)"
-        )
-    corpus = _beir_texts(reader, f"{folder}/corpus.jsonl")
-    queries = _beir_texts(reader, f"{folder}/queries.jsonl")
+            f"BEIR folder {folder!r} has no qrels/{split}.tsv (split={split!r}; the splits "
+            f"there: {', '.join(found) or 'none'})")
+    return corpus, queries, qrels
 
-    def parse(path: str, line: int, text: str) -> Example | None:
+
+def read_beir_qrels(path: str, query_ids: Container[str], corpus_ids: Container[str],
+                    *, on_bad_line: str = "error", stats: ReadStats | None = None
+                    ) -> list[tuple[str, str, float]]:
+    """(query id, document id, score) of every line of a BEIR qrels file, 0 scores included.
+
+    The header line is optional. An id that is not in `query_ids` / `corpus_ids`, a pair
+    judged twice or a score that is not a number is a DataError naming the line and the id.
+    """
+    return list(_beir_qrels(_Reader(on_bad_line, stats), path, query_ids, corpus_ids))
+
+
+def _beir_qrels(reader: _Reader, path: str, query_ids: Container[str],
+                corpus_ids: Container[str]) -> Iterator[tuple[str, str, float]]:
+    first_line: dict[tuple[str, str], int] = {}
+
+    def parse(path: str, line: int, text: str) -> tuple[str, str, float] | None:
         cells = text.split("\t")
         if line == 1 and cells[0].strip().lower() in ("query-id", "query_id", "qid"):
             return None  # the header
@@ -361,16 +399,27 @@ def _read_beir(reader: _Reader, folder: str, split: str) -> Iterator[Example]:
         query_id = _identifier(cells[0].strip(), path, line, "query-id")
         passage_id = _identifier(cells[1].strip(), path, line, "corpus-id")
         score = _number(cells[2], path, line, "score")
-        if query_id not in queries:
+        if query_id not in query_ids:
             raise DataError(path, line, "query-id", f"{query_id!r} is not in queries.jsonl")
-        if passage_id not in corpus:
+        if passage_id not in corpus_ids:
             raise DataError(path, line, "corpus-id", f"{passage_id!r} is not in corpus.jsonl")
-        if score <= 0:
-            return None  # judged not relevant: no training pair
-        return Example(queries[query_id], corpus[passage_id], label=score,
-                       query_id=query_id, passage_id=passage_id)
+        if (query_id, passage_id) in first_line:
+            raise DataError(path, line, None, f"query {query_id!r} and document {passage_id!r} "
+                            f"are judged again (first on line {first_line[query_id, passage_id]})")
+        first_line[query_id, passage_id] = line
+        return query_id, passage_id, score
 
-    yield from reader.records(qrels, parse)
+    return reader.records(path, parse)
+
+
+def _read_beir(reader: _Reader, folder: str, split: str) -> Iterator[Example]:
+    corpus_path, queries_path, qrels_path = beir_files(folder, split)
+    corpus = _beir_texts(reader, corpus_path)
+    queries = _beir_texts(reader, queries_path)
+    for query_id, passage_id, score in _beir_qrels(reader, qrels_path, queries, corpus):
+        if score > 0:  # judged not relevant: no training pair
+            yield Example(queries[query_id], corpus[passage_id], label=score,
+                          query_id=query_id, passage_id=passage_id)
 
 
 # --- entry points ------------------------------------------------------------------------

@@ -9,8 +9,22 @@ Order. Epoch e visits the examples in the order `np.random.default_rng([seed, e]
 (or 0..N-1 with `shuffle=False`), so the order depends only on (seed, epoch). Global batch b of
 an epoch is `permutation[b*G : (b+1)*G]`; the last `N % G` examples of each epoch's permutation
 are dropped, so every batch is full (a different permutation each epoch drops different ones).
-Process p of P gets the contiguous slice `[p*G/P, (p+1)*G/P)` of each global batch, so the
-processes' slices concatenated in process order are the global batch, whatever P is.
+Each process gets the rows of every global batch that its devices hold (`local_rows`, from
+samtone.partitioning.process_batch_rows and the batch sharding), so processes holding the same
+rows (replicas along a 'model' axis that spans processes) read the same examples, and all
+processes together read the global batch, whatever the mesh. Without `local_rows`, process p
+of P gets the contiguous slice `[p*G/P, (p+1)*G/P)`.
+
+Shapes (samtone.data.packing). With `length_buckets` (the default) a batch's token arrays are
+cut to the shortest bucket length that holds the longest text of the *global* batch (queries
+and passages apart; hard negatives share the passages' length), so every process gets the
+same shapes and the step compiles once per bucket. With `pack=True` the texts of the global
+batch are packed into rows of the full length, several per row, with segment ids: the batch
+then holds `query_tokens` / `query_segment_ids` [Rq, Lq] and `passage_tokens` /
+`passage_segment_ids` [Rp, Lp] (the B passages, then the B * K hard negatives example-major),
+plus the per-example arrays; it is the whole global batch on every process (each device takes
+its rows of it: samtone.train). Packing needs the whole batch, so it decides nothing about which
+examples form a batch: the order above alone does.
 
 State. `get_state()` is `{"epoch", "batch_in_epoch", "seed", ...}`: the position of the next
 batch *to be consumed* plus what must match to resume (seed, shuffle, global batch size, a
@@ -27,6 +41,7 @@ batch) just masks one extra in-batch negative.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import queue
@@ -36,6 +51,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from samtone.data import packing
 from samtone.data.files import Example, PathOrPaths, read_examples, read_sentences
 
 Batch = dict[str, np.ndarray]
@@ -95,6 +111,23 @@ class TokenizedExamples:
             if array is not None:
                 digest.update(np.ascontiguousarray(array).data)
         return digest.hexdigest()
+
+    @functools.cached_property
+    def query_lengths(self) -> np.ndarray:
+        """int32 [distinct queries]: tokens of each query, EOS included."""
+        return packing.text_lengths(self.query_table)
+
+    @functools.cached_property
+    def passage_lengths(self) -> np.ndarray:
+        """int32 [distinct passages and negatives]: tokens of each, EOS included."""
+        return packing.text_lengths(self.passage_table)
+
+    def longest(self, rows: np.ndarray) -> tuple[int, int]:
+        """(longest query, longest passage or hard negative) of the examples `rows`."""
+        passages = self.passage_lengths[self.passage_index[rows]]
+        negatives = self.passage_lengths[self.negative_index[rows]]
+        return (int(self.query_lengths[self.query_index[rows]].max()),
+                int(max(passages.max(), negatives.max(initial=0))))
 
     def gather(self, rows: np.ndarray) -> Batch:
         batch = {
@@ -176,13 +209,15 @@ class _Schedule:
     seed: int
     shuffle: bool
     num_epochs: int | None
-    process_index: int
-    process_count: int
+    rows: np.ndarray  # this process's rows of each global batch, ascending
+    query_buckets: list[int]  # bucket lengths; [query_length] alone without buckets
+    passage_buckets: list[int]
+    pack: bool
     _cache: list = dataclasses.field(default_factory=lambda: [(-1, None)], repr=False)
 
     @property
     def local_batch_size(self) -> int:
-        return self.global_batch_size // self.process_count
+        return len(self.rows)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -208,8 +243,43 @@ class _Schedule:
 
     def batch_at(self, position: Position) -> Batch:
         epoch, batch = position
-        start = batch * self.global_batch_size + self.process_index * self.local_batch_size
-        return self.data.gather(self.epoch_order(epoch)[start:start + self.local_batch_size])
+        size = self.global_batch_size
+        examples = self.epoch_order(epoch)[batch * size:(batch + 1) * size]
+        if self.pack:
+            return pack_batch(self.data.gather(examples))
+        local = self.data.gather(examples[self.rows])
+        if len(self.query_buckets) == len(self.passage_buckets) == 1:
+            return local
+        # The lengths come from the global batch, so every process cuts to the same shapes.
+        longest_query, longest_passage = self.data.longest(examples)
+        return cut_to_lengths(local, packing.bucket_length(longest_query, self.query_buckets),
+                              packing.bucket_length(longest_passage, self.passage_buckets))
+
+
+def cut_to_lengths(batch: Batch, query_length: int, passage_length: int) -> Batch:
+    """`batch` with its query / passage (and hard negative) tokens cut to these lengths."""
+    cut = dict(batch)
+    for key, length in (("query_tokens", query_length), ("passage_tokens", passage_length),
+                        ("negative_tokens", passage_length)):
+        if key in cut and cut[key].shape[-1] != length:
+            cut[key] = np.ascontiguousarray(cut[key][..., :length])
+    return cut
+
+
+def pack_batch(batch: Batch) -> Batch:
+    """A global batch with its texts packed (module docstring; samtone.data.packing.pack)."""
+    packed = dict(batch)
+    passages = packed.pop("passage_tokens")
+    negatives = packed.pop("negative_tokens", None)
+    if negatives is not None:
+        if "negative_ids" not in batch or "query_ids" not in batch:
+            # Their shapes say how many examples and negatives the packed rows hold.
+            raise ValueError("a batch with negative_tokens needs query_ids and negative_ids "
+                             f"to be packed; it has {sorted(batch)}")
+        passages = np.concatenate([passages, negatives.reshape(-1, passages.shape[-1])])
+    packed["query_tokens"], packed["query_segment_ids"] = packing.pack(packed["query_tokens"])
+    packed["passage_tokens"], packed["passage_segment_ids"] = packing.pack(passages)
+    return packed
 
 
 class _Prefetcher:
@@ -262,21 +332,34 @@ class BatchIterator:
     Keys: `query_tokens` int32 [b, Lq], `passage_tokens` int32 [b, Lp], `query_ids` and
     `passage_ids` int32 [b], `negative_tokens` int32 [b, K, Lp] and `negative_ids` int32 [b, K]
     when num_negatives > 0,
-    `labels` float32 [b] when the examples have labels; b = global_batch_size / process_count.
+    `labels` float32 [b] when the examples have labels; b = len(local_rows), or
+    global_batch_size / process_count without them. Lq and Lp are bucket lengths with
+    `length_buckets`. With `pack`, the packed global batch (module docstring): b is the global
+    batch size and `global_batches` is True.
     """
 
     def __init__(self, data: TokenizedExamples, *, global_batch_size: int, seed: int = 0,
                  shuffle: bool = True, num_epochs: int | None = None, process_index: int = 0,
-                 process_count: int = 1, prefetch: int = 2):
+                 process_count: int = 1, prefetch: int = 2,
+                 local_rows: Sequence[int] | None = None,
+                 length_buckets: bool | Sequence[int] = True, pack: bool = False):
         self._prefetcher: _Prefetcher | None = None
         if global_batch_size <= 0:
             raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
         if process_count <= 0 or not 0 <= process_index < process_count:
             raise ValueError(f"process_index={process_index} must be in [0, process_count="
                              f"{process_count})")
-        if global_batch_size % process_count:
-            raise ValueError(f"global_batch_size={global_batch_size} is not divisible by "
-                             f"process_count={process_count}")
+        if local_rows is None:
+            if global_batch_size % process_count:
+                raise ValueError(f"global_batch_size={global_batch_size} is not divisible by "
+                                 f"process_count={process_count}")
+            size = global_batch_size // process_count
+            local_rows = np.arange(process_index * size, (process_index + 1) * size)
+        local_rows = np.asarray(local_rows, np.int64)
+        if (local_rows.ndim != 1 or not len(local_rows) or np.any(np.diff(local_rows) <= 0)
+                or local_rows[0] < 0 or local_rows[-1] >= global_batch_size):
+            raise ValueError(f"local_rows must be ascending rows of the global batch of "
+                             f"{global_batch_size}, got {local_rows.tolist()[:8]}...")
         if len(data) < global_batch_size:
             raise ValueError(f"the data has {len(data)} examples, fewer than one global batch "
                              f"of {global_batch_size}")
@@ -284,8 +367,11 @@ class BatchIterator:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         if num_epochs is not None and num_epochs < 0:
             raise ValueError(f"num_epochs must be None (forever) or >= 0, got {num_epochs}")
-        self._schedule = _Schedule(data, global_batch_size, int(seed), bool(shuffle), num_epochs,
-                                   process_index, process_count)
+        self._schedule = _Schedule(
+            data, global_batch_size, int(seed), bool(shuffle), num_epochs, local_rows,
+            query_buckets=packing.bucket_lengths(length_buckets, data.query_table.shape[1]),
+            passage_buckets=packing.bucket_lengths(length_buckets, data.passage_table.shape[1]),
+            pack=bool(pack))
         self._fingerprint = data.fingerprint()
         self._prefetch = prefetch
         self._position = self._schedule.first()
@@ -297,6 +383,11 @@ class BatchIterator:
     @property
     def local_batch_size(self) -> int:
         return self._schedule.local_batch_size
+
+    @property
+    def global_batches(self) -> bool:
+        """True when every process gets the whole (packed) global batch."""
+        return self._schedule.pack
 
     def __iter__(self) -> BatchIterator:
         return self
@@ -358,7 +449,9 @@ def make_batch_iterator(data: PathOrPaths | Sequence[Example], *, tokenizer,
                         shuffle: bool = True, num_epochs: int | None = None,
                         on_bad_line: str = "error", simcse: bool = False,
                         process_index: int | None = None, process_count: int | None = None,
-                        prefetch: int = 2, split: str = "train") -> BatchIterator:
+                        local_rows: Sequence[int] | None = None, prefetch: int = 2,
+                        split: str = "train", length_buckets: bool | Sequence[int] = True,
+                        pack: bool = False) -> BatchIterator:
     """Batches of tokenised pairs for this process; see the module docstring for the guarantees.
 
     Args:
@@ -374,7 +467,14 @@ def make_batch_iterator(data: PathOrPaths | Sequence[Example], *, tokenizer,
       on_bad_line, split: passed to the file readers.
       simcse: read one sentence per line and pair each with itself (query == passage).
       process_index, process_count: default to jax.process_index() / jax.process_count().
+      local_rows: the rows of each global batch this process feeds (ascending); the training
+        loop passes samtone.partitioning.process_batch_rows. Overrides the process slice.
       prefetch: batches computed ahead on a background thread; 0 computes them on `next`.
+      length_buckets: cut each batch's token arrays to the shortest bucket length holding its
+        longest text (True: 16, 32, 64, ... and the maximum; a list: those lengths; False:
+        always the maximum). See samtone.data.packing.
+      pack: pack the global batch's texts several per row with segment ids (module
+        docstring); the step then computes on almost no padding.
     """
     if simcse and num_negatives:
         raise ValueError("simcse=True pairs each sentence with itself; it has no hard negatives "
@@ -397,4 +497,5 @@ def make_batch_iterator(data: PathOrPaths | Sequence[Example], *, tokenizer,
                                   passage_length=passage_length, num_negatives=num_negatives)
     return BatchIterator(tokenized, global_batch_size=global_batch_size, seed=seed,
                          shuffle=shuffle, num_epochs=num_epochs, process_index=process_index,
-                         process_count=process_count, prefetch=prefetch)
+                         process_count=process_count, prefetch=prefetch, local_rows=local_rows,
+                         length_buckets=length_buckets, pack=pack)

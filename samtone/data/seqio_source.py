@@ -38,6 +38,7 @@ import tensorflow as tf
 from absl import logging
 
 from samtone.data.pipeline import check_saved_state, stable_id
+from samtone.errors import ConfigError
 
 QUERY, PASSAGE, NEGATIVES = "query", "passage", "negatives"
 PAD_ID, EOS_ID = 0, 1
@@ -285,7 +286,7 @@ def make_seqio_batch_iterator(task_name, split: str = "train", *, global_batch_s
                               num_epochs: int | None = None, tokenizer=None,
                               process_index: int | None = None,
                               process_count: int | None = None,
-                              use_cached: bool = False) -> SeqioBatchIterator:
+                              local_rows=None, use_cached: bool = False) -> SeqioBatchIterator:
     """Batches of a seqio Task for this process, with get_state/set_state.
 
     A drop-in `train.batch_iterator_factory`: train.py calls it with the Task name as its
@@ -303,8 +304,14 @@ def make_seqio_batch_iterator(task_name, split: str = "train", *, global_batch_s
       tokenizer: the training loop's samtone Tokenizer (or its path): checked to be the same
         SentencePiece model as the Task's vocabulary, since evaluation tokenises with it.
       process_index, process_count: default to jax.process_index() / jax.process_count().
+      local_rows: the rows of each global batch this process feeds (see
+        samtone.data.pipeline): a contiguous, aligned block, read as data shard
+        rows[0] // len(rows) of global_batch_size // len(rows), so processes holding the same
+        rows read the same shard. Overrides process_index / process_count.
       use_cached: read the Task's seqio cache (see seqio's cache_tasks_main).
     """
+    if local_rows is not None:
+        process_index, process_count = _data_shard(local_rows, global_batch_size)
     if process_index is None or process_count is None:
         import jax  # pylint: disable=import-outside-toplevel
         process_index = jax.process_index() if process_index is None else process_index
@@ -337,3 +344,15 @@ def check_same_vocabulary(task, spm_model_path: str) -> None:
         f"(gin: train.vocabulary) is {spm_model_path!r}, a different SentencePiece model; "
         "register the task with the same file (e.g. samtone.tasks.tfds_task(..., "
         "vocabulary_path=%VOCABULARY))")
+
+
+def _data_shard(local_rows, global_batch_size: int) -> tuple[int, int]:
+    """(shard index, shard count) of a contiguous aligned block of a global batch's rows."""
+    rows = np.asarray(local_rows, np.int64)
+    size = len(rows)
+    if (not size or global_batch_size % size or rows[0] % size
+            or not np.array_equal(rows, np.arange(rows[0], rows[0] + size))):
+        raise ConfigError(f"the seqio input needs each process's rows of the global batch of "
+                          f"{global_batch_size} to be one aligned block; this mesh gives "
+                          f"{rows.tolist()[:8]}... (use the file pipeline for this mesh)")
+    return int(rows[0] // size), global_batch_size // size

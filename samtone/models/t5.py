@@ -4,6 +4,11 @@ T5.1.1 differs from the original T5 (1.0) by a gated-GELU feed-forward block, no
 sharing between embedding and classifier, and no dropout in pre-training; both use pre-norm
 RMSNorm without bias or mean subtraction, unscaled attention logits (the 1/sqrt(d_kv) lives in
 the query initialiser) and a bucketed relative position bias shared by all layers.
+
+Packed rows (as t5x packs encoder inputs): with `segment_ids`, several texts share one row and
+a token attends only to tokens of its own segment. The position bias depends on key - query
+only, so within a segment it is the bias of the text alone: each text's hidden states equal
+those of the text in a row of its own.
 """
 from __future__ import annotations
 
@@ -142,7 +147,8 @@ class SelfAttention(nn.Module):
     config: T5Config
 
     @nn.compact
-    def __call__(self, x, position_bias, key_mask, deterministic: bool):
+    def __call__(self, x, position_bias, mask, deterministic: bool):
+        """`mask`: bool, broadcastable to [batch, heads, query, key]; False = not attended."""
         cfg = self.config
         inner = cfg.num_heads * cfg.d_kv
 
@@ -157,7 +163,7 @@ class SelfAttention(nn.Module):
 
         logits = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32) + position_bias
         # A where (not an additive -inf) keeps all-padding rows finite: they become uniform.
-        logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(logits, axis=-1).astype(cfg.dtype)
         weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=deterministic)
 
@@ -192,10 +198,10 @@ class EncoderLayer(nn.Module):
     scanned: bool = False  # under nn.scan the layer must return (carry, per-step output)
 
     @nn.compact
-    def __call__(self, hidden, position_bias, key_mask, deterministic: bool):
+    def __call__(self, hidden, position_bias, mask, deterministic: bool):
         cfg = self.config
         x = RMSNorm(cfg, name="pre_attention_layer_norm")(hidden)
-        x = SelfAttention(cfg, name="attention")(x, position_bias, key_mask, deterministic)
+        x = SelfAttention(cfg, name="attention")(x, position_bias, mask, deterministic)
         hidden = hidden + nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         x = RMSNorm(cfg, name="pre_mlp_layer_norm")(hidden)
         x = Mlp(cfg, name="mlp")(x, deterministic)
@@ -212,19 +218,63 @@ def _layer_class(config: T5Config):
     return nn.remat(EncoderLayer, policy=policy, static_argnums=(4,), prevent_cse=not config.scan_layers)
 
 
-class T5Encoder(nn.Module):
-    """token ids [B, L] (0 = padding) -> final hidden states [B, L, d_model]."""
+def attention_mask(token_ids, segment_ids=None):
+    """Which keys each query attends to, bool, broadcastable to [B, heads, L, L].
+
+    One text per row: every real token (id != 0), [B, 1, 1, L]. Packed rows: the tokens of
+    the query's own segment (segment id 0 = padding), [B, 1, L, L].
+    """
+    if segment_ids is None:
+        return (token_ids != 0)[:, None, None, :]
+    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (same_segment & (segment_ids != 0)[:, None, :])[:, None]
+
+
+def _vocab_is_sharded() -> bool:
+    """Whether the current logical axis rules split 'vocab' over a mesh axis."""
+    return nn.logical_to_mesh_axes(("vocab",))[0] is not None
+
+
+class Embed(nn.Module):
+    """Token embedding lookup, t5x's parameter `token_embedder/embedding` [vocab, embed].
+
+    When the rules shard 'vocab' (tensor parallelism), the lookup is a one-hot matmul, as t5x
+    does on TPU: a gather from a table split over devices would first gather the table,
+    while the matmul contracts the vocabulary where it lies (and its gradient is a matmul,
+    not a scatter). Both give the same numbers.
+    """
 
     config: T5Config
 
     @nn.compact
-    def __call__(self, token_ids, *, deterministic: bool = True):
+    def __call__(self, token_ids):
         cfg = self.config
-        key_mask = token_ids != 0
-        hidden = nn.Embed(
-            cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-            embedding_init=_normal(1.0, ("vocab", "embed")), name="token_embedder",
-        )(token_ids)
+        embedding = self.param("embedding", _normal(1.0, ("vocab", "embed")),
+                               (cfg.vocab_size, cfg.d_model), cfg.param_dtype)
+        embedding = jnp.asarray(embedding, cfg.dtype)
+        if not _vocab_is_sharded():
+            return jnp.take(embedding, token_ids, axis=0)
+        one_hot = jax.nn.one_hot(token_ids, cfg.vocab_size, dtype=cfg.dtype)
+        one_hot = nn.with_logical_constraint(one_hot, ("batch", "length", "vocab"))
+        # HIGHEST keeps float32 rows exact on TPU (the default rounds inputs to bfloat16).
+        precision = jax.lax.Precision.HIGHEST if cfg.dtype == jnp.float32 else None
+        return jnp.dot(one_hot, embedding, precision=precision)
+
+
+class T5Encoder(nn.Module):
+    """token ids [B, L] (0 = padding) -> final hidden states [B, L, d_model].
+
+    `segment_ids` [B, L] (optional) packs several texts per row: tokens with equal non-zero
+    ids form one text, 0 marks padding (see the module docstring).
+    """
+
+    config: T5Config
+
+    @nn.compact
+    def __call__(self, token_ids, *, segment_ids=None, deterministic: bool = True):
+        cfg = self.config
+        mask = attention_mask(token_ids, segment_ids)
+        hidden = Embed(cfg, name="token_embedder")(token_ids)
         hidden = nn.Dropout(cfg.dropout_rate)(hidden, deterministic=deterministic)
         hidden = nn.with_logical_constraint(hidden, ("batch", "length", "embed"))
         # Computed once and shared by every layer, as in T5.
@@ -240,10 +290,10 @@ class T5Encoder(nn.Module):
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, scanned=True, name="layers")
-            hidden, _ = layers(hidden, position_bias, key_mask, deterministic)
+            hidden, _ = layers(hidden, position_bias, mask, deterministic)
         else:
             for i in range(cfg.num_layers):
-                hidden = layer_class(cfg, name=f"layers_{i}")(hidden, position_bias, key_mask, deterministic)
+                hidden = layer_class(cfg, name=f"layers_{i}")(hidden, position_bias, mask, deterministic)
 
         hidden = RMSNorm(cfg, name="encoder_norm")(hidden)
         hidden = nn.Dropout(cfg.dropout_rate)(hidden, deterministic=deterministic)
