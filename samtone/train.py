@@ -145,11 +145,7 @@ def train(
         train_data, tokenizer=tokenizer, global_batch_size=global_batch_size,
         query_length=query_length, passage_length=passage_length, seed=seed, local_rows=rows)
     example_batch = _example_global_batch(iterator, global_batch_size)
-    if packing.is_packed(example_batch) and microbatches > 1:
-        raise ConfigError(f"train.microbatches={microbatches} splits the batch by rows, but "
-                          "packed rows (make_batch_iterator.pack=True) hold texts of several "
-                          "examples: use one or the other (length buckets work with "
-                          "microbatches)")
+    train_step_lib.check_packed_microbatches(example_batch, microbatches)  # before compiling
     # Shardings depend on each array's rank only, so they serve every bucket's shapes.
     batch_shardings = partitioning.batch_shardings(
         {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in example_batch.items()},

@@ -276,6 +276,15 @@ def forward_fn(model: nn.Module) -> grad_cache.Forward:
     return forward
 
 
+def check_packed_microbatches(batch: dict, microbatches: int) -> None:
+    """Packed rows hold texts of several examples, so they cannot be split into sub-batches."""
+    if microbatches > 1 and packing.is_packed(batch):
+        raise ConfigError(
+            f"train.microbatches={microbatches} splits the batch by rows, but packed rows "
+            "(make_batch_iterator.pack=True) hold texts of several examples: use one or the "
+            "other (length buckets work with microbatches)")
+
+
 def loss_and_gradients(model: nn.Module, loss_fn: LossFn, params, batch: dict, dropout_rng,
                        microbatches: int = 1) -> tuple[tuple[jax.Array, dict], Any]:
     """((loss, model outputs), gradients) on one global batch; call it inside jit.
@@ -285,11 +294,7 @@ def loss_and_gradients(model: nn.Module, loss_fn: LossFn, params, batch: dict, d
     """
     forward = forward_fn(model)
     if microbatches > 1:
-        if packing.is_packed(batch):
-            raise ConfigError(
-                f"train.microbatches={microbatches} splits the batch by rows, but packed rows "
-                "(make_batch_iterator.pack=True) hold texts of several examples: use one or "
-                "the other (length buckets work with microbatches)")
+        check_packed_microbatches(batch, microbatches)
         return grad_cache.loss_and_gradients(forward, loss_fn, params, batch, dropout_rng,
                                              microbatches)
 

@@ -230,16 +230,23 @@ def attention_mask(token_ids, segment_ids=None):
     return (same_segment & (segment_ids != 0)[:, None, :])[:, None]
 
 
-def _vocab_is_sharded() -> bool:
-    """Whether the current logical axis rules split 'vocab' over a mesh axis."""
-    return nn.logical_to_mesh_axes(("vocab",))[0] is not None
+# Platforms where a sharded vocabulary is looked up by one-hot matmul (t5x does so on TPU).
+# Not on CPU: there the extra collectives of 8 fake devices sharing 2 cores can stall XLA's
+# rendezvous (seen as a 40 s termination timeout under load).
+ONE_HOT_PLATFORMS = ("tpu",)
+
+
+def _one_hot_lookup() -> bool:
+    """Whether the current rules split 'vocab' over a mesh axis, on a one-hot platform."""
+    return (nn.logical_to_mesh_axes(("vocab",))[0] is not None
+            and jax.default_backend() in ONE_HOT_PLATFORMS)
 
 
 class Embed(nn.Module):
     """Token embedding lookup, t5x's parameter `token_embedder/embedding` [vocab, embed].
 
-    When the rules shard 'vocab' (tensor parallelism), the lookup is a one-hot matmul, as t5x
-    does on TPU: a gather from a table split over devices would first gather the table,
+    When the rules shard 'vocab' (tensor parallelism) on TPU, the lookup is a one-hot matmul,
+    as t5x does: a gather from a table split over devices would first gather the table,
     while the matmul contracts the vocabulary where it lies (and its gradient is a matmul,
     not a scatter). Both give the same numbers.
     """
@@ -252,7 +259,7 @@ class Embed(nn.Module):
         embedding = self.param("embedding", _normal(1.0, ("vocab", "embed")),
                                (cfg.vocab_size, cfg.d_model), cfg.param_dtype)
         embedding = jnp.asarray(embedding, cfg.dtype)
-        if not _vocab_is_sharded():
+        if not _one_hot_lookup():
             return jnp.take(embedding, token_ids, axis=0)
         one_hot = jax.nn.one_hot(token_ids, cfg.vocab_size, dtype=cfg.dtype)
         one_hot = nn.with_logical_constraint(one_hot, ("batch", "length", "vocab"))
