@@ -27,9 +27,10 @@ import numpy as np
 
 MIN_BUCKET_LENGTH = 16
 # Packed row counts are multiples of ceil(texts / ROW_COUNT_BUCKETS): at most this many row
-# counts per tower (fewer compilations), at most 1 / ROW_COUNT_BUCKETS of the texts' worth of
-# rows added as padding.
-ROW_COUNT_BUCKETS = 16
+# counts per tower (bounded compilations), at most 1 / ROW_COUNT_BUCKETS of the texts' worth
+# of rows added as padding. On MS MARCO-like lengths at batch 512, 256 tokens, 1/16 left 12.7%
+# of the passage rows' positions empty, 1/32 4.1% (with a few row counts per run either way).
+ROW_COUNT_BUCKETS = 32
 PACKED_KEYS = ("query_segment_ids", "passage_segment_ids")
 
 
