@@ -1,7 +1,7 @@
 """The paper recipes' memory per device on 16, 64 and 256 devices, from `samtone-plan`.
 
     python benchmarks/plan_table.py [--sizes base,large,xxl] [--devices 16,64,256] \
-        [--output plan_table.json]
+        [--ladder none:1,full:1,full:4,full:16] [--output plan_table.json]
 
 For each recipe and device count it compiles the train step ahead of time (fake CPU devices,
 nothing allocated) under a ladder of settings, from cheapest to most memory-saving:
@@ -55,14 +55,17 @@ def main() -> None:
     parser.add_argument("--sizes", default="base,large,xxl")
     parser.add_argument("--devices", default="16,64,256")
     parser.add_argument("--timeout", type=int, default=1200, help="seconds per compile")
+    parser.add_argument("--ladder", default=",".join(f"{r}:{m}" for r, m in LADDER),
+                        help="settings to try, cheapest first, as remat:microbatches pairs")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
+    ladder = [(item.split(":")[0], int(item.split(":")[1])) for item in args.ladder.split(",")]
     print("command:", " ".join([os.path.basename(sys.executable), *sys.argv]), flush=True)
     rows = []
     for size in args.sizes.split(","):
         for devices in map(int, args.devices.split(",")):
             needed = {memory: None for memory in MEMORIES_GIB}
-            for remat, microbatches in LADDER:
+            for remat, microbatches in ladder:
                 found = plan(size, devices, remat, microbatches, args.timeout)
                 if found is None:
                     continue

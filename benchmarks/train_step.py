@@ -27,6 +27,9 @@ to --query_length / --passage_length.
 Timing. After compilation and one warm-up pass, the sides alternate in `--rounds` rounds
 (the side that goes first alternates too), each round running every one of `--batches`
 distinct batches once, so machine noise hits both; the best round of each side is reported.
+Rounds, not single steps: PyTorch's OpenMP threads keep spinning for a while after each step,
+and alternating step by step charged that spin to samtone's next step (small, `real`: 3.57 s
+a step alternating by steps, 2.87 s alone).
 MFU is the model FLOPs of the real tokens (samtone.plan.texts_train_flops: padding is not
 counted) per second over `--peak_tflops`, or on CPU over the float32 matmul throughput this
 run measures with a large `jnp.dot`. Prints numbers and the command; asserts nothing.
