@@ -38,6 +38,7 @@ setuptools.setup(
     extras_require={
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3.5",  # the README's test command runs on both CPU cores
             "torch==2.13.0",
             "transformers>=5",  # sentence-transformers>=6.2 needs transformers 5
             "safetensors>=0.4",

@@ -18,9 +18,10 @@ import pytest
 from samtone.checkpoints.manager import read_checkpoint
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-_ARGS = ["configs/smoke.gin", "--gin.TRAIN_STEPS=6", "--gin.BATCH_SIZE=16",
-         "--gin.PASSAGE_LENGTH=48", "--gin.train.log_every=2", "--gin.train.checkpoint_every=3",
-         "--gin.t5_1_1_config.dropout_rate=0.1"]
+_CONFIG = "configs/smoke.gin"
+_BINDINGS = ["--gin.TRAIN_STEPS=4", "--gin.BATCH_SIZE=16", "--gin.PASSAGE_LENGTH=32",
+             "--gin.train.log_every=2", "--gin.train.checkpoint_every=2",
+             "--gin.t5_1_1_config.dropout_rate=0.1"]
 
 
 def _free_port() -> int:
@@ -48,22 +49,10 @@ def _run(command, env, what):
     return completed
 
 
-def test_two_processes_reach_the_single_process_params(tmp_path):
-    one_dir, two_dir = tmp_path / "one", tmp_path / "two"
-    single = _run([sys.executable, "-m", "samtone.cli.train", f"--gin_file={_ARGS[0]}", *_ARGS[1:],
-                   f"--gin.MODEL_DIR='{one_dir}'"], _env(4), "the single-process run")
-    double = _run(["bash", str(REPO / "launch" / "local_multiprocess.sh"), "2", *_ARGS,
-                   f"--gin.MODEL_DIR='{two_dir}'"], _env(2), "the two-process run")
-
-    assert "joined distributed job: process 0 of 2" in double.stderr
-    # Logs and the printed evaluation come from process 0 only.
-    assert double.stderr.count("step 6/6 | loss") == 1
-    assert double.stdout.count("samtone-train: step 6/6") == 1  # the summary, once
-    assert single.stdout.count("samtone-train: step 6/6") == 1
-
+def _assert_same_state(one_dir, two_dir):
     state_one, data_one, step_one = read_checkpoint(one_dir / "checkpoints")
     state_two, data_two, step_two = read_checkpoint(two_dir / "checkpoints")
-    assert step_one == step_two == 6
+    assert step_one == step_two == 4
     assert data_one == data_two  # the same global batches were consumed
     leaves_one, tree_one = jax.tree.flatten(state_one)
     leaves_two, tree_two = jax.tree.flatten(state_two)
@@ -72,23 +61,40 @@ def test_two_processes_reach_the_single_process_params(tmp_path):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
+@pytest.fixture(scope="module")
+def single_process_run(tmp_path_factory):
+    """One process, four devices, data parallel: the reference for every two-process mesh (the
+    parameters do not depend on the mesh; tests/test_train_step.py proves it per step)."""
+    model_dir = tmp_path_factory.mktemp("single") / "run"
+    completed = _run([sys.executable, "-m", "samtone.cli.train", f"--gin_file={_CONFIG}",
+                      *_BINDINGS, f"--gin.MODEL_DIR='{model_dir}'"], _env(4),
+                     "the single-process run")
+    return model_dir, completed
+
+
+def test_two_processes_reach_the_single_process_params(tmp_path, single_process_run):
+    one_dir, single = single_process_run
+    two_dir = tmp_path / "two"
+    double = _run(["bash", str(REPO / "launch" / "local_multiprocess.sh"), "2", _CONFIG,
+                   *_BINDINGS, f"--gin.MODEL_DIR='{two_dir}'"], _env(2), "the two-process run")
+
+    assert "joined distributed job: process 0 of 2" in double.stderr
+    # Logs and the printed evaluation come from process 0 only.
+    assert double.stderr.count("step 4/4 | loss") == 1
+    assert double.stdout.count("samtone-train: step 4/4") == 1  # the summary, once
+    assert single.stdout.count("samtone-train: step 4/4") == 1
+    _assert_same_state(one_dir, two_dir)
+
+
 @pytest.mark.parametrize("model_parallel", [4, 2], ids=["model_axis_across_processes",
                                                         "data2_model2"])
 def test_tensor_parallel_meshes_across_processes_reach_the_single_process_params(
-        tmp_path, model_parallel):
+        tmp_path, single_process_run, model_parallel):
     """Processes holding the same rows (replicas along 'model') feed the same examples."""
-    args = ["configs/smoke.gin", "--gin_file=gin/mesh/data_model.gin",
-            f"--gin.MODEL_PARALLEL={model_parallel}", "--gin.TRAIN_STEPS=3",
-            "--gin.BATCH_SIZE=16", "--gin.PASSAGE_LENGTH=32", "--gin.EVAL_DATA=None",
-            "--gin.t5_1_1_config.dropout_rate=0.1"]
-    one_dir, two_dir = tmp_path / "one", tmp_path / "two"
-    _run([sys.executable, "-m", "samtone.cli.train", f"--gin_file={args[0]}", *args[1:],
-          f"--gin.MODEL_DIR='{one_dir}'"], _env(4), "the single-process run")
-    double = _run(["bash", str(REPO / "launch" / "local_multiprocess.sh"), "2", *args,
+    two_dir = tmp_path / "two"
+    double = _run(["bash", str(REPO / "launch" / "local_multiprocess.sh"), "2", _CONFIG,
+                   "--gin_file=gin/mesh/data_model.gin", *_BINDINGS,
+                   f"--gin.MODEL_PARALLEL={model_parallel}", "--gin.EVAL_DATA=None",
                    f"--gin.MODEL_DIR='{two_dir}'"], _env(2), "the two-process run")
     assert f"'model': {model_parallel}" in double.stderr  # the mesh the run used
-    state_one, data_one, _ = read_checkpoint(one_dir / "checkpoints")
-    state_two, data_two, _ = read_checkpoint(two_dir / "checkpoints")
-    assert data_one == data_two
-    for a, b in zip(jax.tree.leaves(state_one), jax.tree.leaves(state_two)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    _assert_same_state(single_process_run[0], two_dir)
