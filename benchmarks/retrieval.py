@@ -137,7 +137,7 @@ def warm_up(encode_fn, batch_size, max_length, lengths=None):
     """Compiles `encode_fn` at every bucket length (and max_length)."""
     import numpy as np  # pylint: disable=import-outside-toplevel
     from samtone import encoding  # pylint: disable=import-outside-toplevel
-    lengths = encoding.bucket_lengths(max_length) if lengths is None else lengths
+    lengths = encoding.default_bucket_lengths(max_length) if lengths is None else lengths
     for length in {*lengths, max_length}:
         np.asarray(encode_fn(np.ones((batch_size, length), np.int32)))
 
@@ -166,7 +166,7 @@ def beir_benchmark(args):
         warm_up(encoder.passage_encoder, args.batch_size, args.passage_length)
         warm_up(encoder.query_encoder, args.batch_size, args.query_length)
         _stage("compile", time.perf_counter() - started, "(each tower at lengths "
-               f"{encoding.bucket_lengths(args.passage_length)}, warm-up)")
+               f"{encoding.default_bucket_lengths(args.passage_length)}, warm-up)")
         tokens = encoder.tokenizer.encode(data.passages, args.passage_length)
         real = (tokens != 0).sum(axis=1)
         print(f"{'':<16}passage tokens: mean {real.mean():.0f}, max {real.max()}; "

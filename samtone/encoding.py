@@ -5,9 +5,9 @@
 `encode_fn` maps int32 token ids [batch_size, length] to embeddings [batch_size, D] (a tower
 of a dual encoder, jitted). Padding every text to `max_length` wastes most of the compute
 on short texts, so each text goes to the shortest *bucket* length that holds its tokens
-(EOS included): powers of two from MIN_BUCKET_LENGTH up to `max_length`, and `max_length`
-itself. A jitted tower then compiles at most about log2(max_length / 16) + 1 times, whatever
-the texts. Padding does not change an embedding: the encoder masks padding in attention,
+(EOS included), the lengths training batches use (`data.packing.default_bucket_lengths`:
+powers of two from 16 up to `max_length`, and `max_length` itself). A jitted tower then
+compiles at most about log2(max_length / 16) + 1 times, whatever the texts. Padding does not change an embedding: the encoder masks padding in attention,
 its position bias is relative, and pooling averages real tokens only (tested equal to
 encoding at `max_length`).
 
@@ -26,26 +26,15 @@ import jax
 import numpy as np
 import tqdm
 
+from samtone.data.packing import default_bucket_lengths
+
 EncodeFn = Callable[[np.ndarray], Any]
 
-MIN_BUCKET_LENGTH = 16
 # Texts per window: WINDOW_BATCHES x batch_size. Large enough that the few partial batches
 # of each window (one per bucket) waste little; small enough for host memory.
 WINDOW_BATCHES = 256
 # Inputs of at least this many batches get a progress bar by default (on a terminal).
 PROGRESS_MIN_BATCHES = 8
-
-
-def bucket_lengths(max_length: int, min_length: int = MIN_BUCKET_LENGTH) -> list[int]:
-    """[min_length, 2 min_length, 4 min_length, ... < max_length] + [max_length]."""
-    if max_length < 1:
-        raise ValueError(f"max_length must be >= 1, got {max_length}")
-    lengths = []
-    length = min_length
-    while length < max_length:
-        lengths.append(length)
-        length *= 2
-    return lengths + [max_length]
 
 
 def encode_chunks(encode_fn: EncodeFn, tokenizer: Any, texts: Sequence[str], max_length: int,
@@ -64,7 +53,7 @@ def encode_chunks(encode_fn: EncodeFn, tokenizer: Any, texts: Sequence[str], max
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    lengths = bucket_lengths(max_length) if buckets else [max_length]
+    lengths = default_bucket_lengths(max_length) if buckets else [max_length]
     window = batch_size * WINDOW_BATCHES
     if progress is None:  # tqdm's disable=None: only on a terminal
         big = len(texts) >= batch_size * PROGRESS_MIN_BATCHES and jax.process_index() == 0

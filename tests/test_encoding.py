@@ -26,10 +26,10 @@ class CountTokenizer:
 
 
 def test_bucket_lengths():
-    assert encoding.bucket_lengths(256) == [16, 32, 64, 128, 256]
-    assert encoding.bucket_lengths(100) == [16, 32, 64, 100]
-    assert encoding.bucket_lengths(16) == [16]
-    assert encoding.bucket_lengths(10) == [10]
+    assert encoding.default_bucket_lengths(256) == [16, 32, 64, 128, 256]
+    assert encoding.default_bucket_lengths(100) == [16, 32, 64, 100]
+    assert encoding.default_bucket_lengths(16) == [16]
+    assert encoding.default_bucket_lengths(10) == [10]
 
 
 @pytest.mark.parametrize("window_batches", [1, 256])
