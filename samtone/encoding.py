@@ -7,9 +7,9 @@ of a dual encoder, jitted). Padding every text to `max_length` wastes most of th
 on short texts, so each text goes to the shortest *bucket* length that holds its tokens
 (EOS included), the lengths training batches use (`data.packing.default_bucket_lengths`:
 powers of two from 16 up to `max_length`, and `max_length` itself). A jitted tower then
-compiles at most about log2(max_length / 16) + 1 times, whatever the texts. Padding does not change an embedding: the encoder masks padding in attention,
-its position bias is relative, and pooling averages real tokens only (tested equal to
-encoding at `max_length`).
+compiles at most about log2(max_length / 16) + 1 times, whatever the texts. Padding does
+not change an embedding: the encoder masks padding in attention, its position bias is
+relative, and pooling averages real tokens only (tested equal to encoding at `max_length`).
 
 Texts are taken a window of WINDOW_BATCHES batches at a time (bounding host memory for
 corpora of millions), tokenised once at `max_length`, grouped by bucket, batched (the last
