@@ -7,8 +7,6 @@ import os
 import pathlib
 import pickle
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -21,7 +19,7 @@ from samtone.data.tokenizer import Tokenizer
 from samtone.errors import CheckpointError, UserError
 from samtone.models import dual_encoder, t5
 from samtone.normalize import l2_normalize
-from tiny_runs import train_tiny_run
+from tiny_runs import run_command, train_tiny_run
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -352,10 +350,7 @@ def test_output_is_refused_or_written_whole(hf_folder, hf_converted, tmp_path, m
 
 
 def _cli(*args):
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-    env.pop("SAMTONE_TRACEBACK", None)
-    return subprocess.run([sys.executable, "-m", "samtone.cli.convert", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300, check=False, env=env)
+    return run_command("convert", *args)
 
 
 def test_command_line(hf_folder, tmp_path):

@@ -22,8 +22,8 @@ from samtone.export import stablehlo
 from samtone.data import smoke_path
 from samtone.data.tokenizer import Tokenizer
 from samtone.models import dual_encoder, t5
-from tiny_runs import (PASSAGE_LENGTH, QUERY_LENGTH, REPO, smoke_model, smoke_texts,
-                            train_tiny_run)
+from tiny_runs import (PASSAGE_LENGTH, QUERY_LENGTH, REPO, run_command, smoke_model,
+                            smoke_texts, train_tiny_run)
 
 
 @pytest.fixture(scope="module")
@@ -257,10 +257,7 @@ def test_an_interrupted_export_leaves_no_folder(tmp_path, monkeypatch):
 
 
 def _cli(*args):
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-    env.pop("SAMTONE_TRACEBACK", None)
-    return subprocess.run([sys.executable, "-m", "samtone.cli.export", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300, check=False, env=env)
+    return run_command("export", *args)
 
 
 def test_command_line(scanned_run, tmp_path):

@@ -10,6 +10,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUERY_LENGTH, PASSAGE_LENGTH = 16, 32
 
 
+def run_command(module, *args):
+    """`python -m samtone.cli.<module> ARGS` on one CPU device, without SAMTONE_TRACEBACK, so
+    user errors show as users see them; returns the CompletedProcess (never raises)."""
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    env.pop("SAMTONE_TRACEBACK", None)
+    return subprocess.run([sys.executable, "-m", f"samtone.cli.{module}", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, check=False, env=env)
+
+
 def train_tiny_run(model_dir, *gin_args, steps=2):
     """samtone-train with configs/smoke.gin (tiny ADE-SPL, 64-d, vocab 1000) for `steps`
     steps of 8 pairs, a checkpoint after each; returns model_dir."""
