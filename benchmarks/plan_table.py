@@ -50,6 +50,15 @@ def plan(size: str, devices: int, remat: str, microbatches: int, timeout: int) -
     return found
 
 
+def _rung(parser: argparse.ArgumentParser, item: str) -> tuple[str, int]:
+    """'full:4' -> ('full', 4); anything else is a --ladder error naming the item."""
+    remat, _, microbatches = item.partition(":")
+    if remat not in ("none", "full", "dots") or not microbatches.isdigit() or int(microbatches) < 1:
+        parser.error(f"--ladder item {item!r}: expected REMAT:MICROBATCHES with REMAT one of "
+                     "none, full, dots and MICROBATCHES a positive integer, e.g. full:4")
+    return remat, int(microbatches)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="base,large,xxl")
@@ -59,7 +68,7 @@ def main() -> None:
                         help="settings to try, cheapest first, as remat:microbatches pairs")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
-    ladder = [(item.split(":")[0], int(item.split(":")[1])) for item in args.ladder.split(",")]
+    ladder = [_rung(parser, item) for item in args.ladder.split(",")]
     print("command:", " ".join([os.path.basename(sys.executable), *sys.argv]), flush=True)
     rows = []
     for size in args.sizes.split(","):
