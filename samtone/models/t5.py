@@ -240,8 +240,7 @@ def attention_mask_bias(token_ids, segment_ids=None):
     """`attention_mask` as float32 addends for the logits: 0 attended, MASKED_LOGIT not.
 
     Computed once per forward and added in every layer, as t5x does: an addition has a free
-    backward pass, where a select on the logits costs a select in each layer's gradient too
-    (README "Benchmarks": the attention core of packed rows 33% faster on CPU).
+    backward pass, where a select on the logits costs a select in each layer's gradient too.
     """
     mask = attention_mask(token_ids, segment_ids)
     return jnp.where(mask, jnp.float32(0), jnp.float32(MASKED_LOGIT))
