@@ -47,6 +47,7 @@ import glob
 import json
 import os
 import platform
+import resource
 import shlex
 import sys
 import time
@@ -88,6 +89,10 @@ def parse_args(argv=None):
                         help="also time the PyTorch incumbent (needs the `test` extra)")
     parser.add_argument("--xla_cpu_flags", action=argparse.BooleanOptionalAction, default=True,
                         help="samtone.xla_flags.CPU_FLAGS, as samtone-train sets them")
+    parser.add_argument("--keep_freed_memory", action=argparse.BooleanOptionalAction,
+                        default=True,
+                        help="samtone.host_memory.keep_freed_memory(), as samtone-train "
+                             "sets it (process-wide: both sides)")
     parser.add_argument("--peak_tflops", type=float, default=None,
                         help="the device's peak for MFU (e.g. 989 for H100/H200 bf16 dense); "
                              "default: the float32 jnp.dot throughput measured here")
@@ -327,6 +332,9 @@ def main(argv=None):
     if args.xla_cpu_flags:
         from samtone import xla_flags  # pylint: disable=import-outside-toplevel
         xla_flags.add_cpu_flags()
+    if args.keep_freed_memory:
+        from samtone import host_memory  # pylint: disable=import-outside-toplevel
+        host_memory.keep_freed_memory()
 
     import jax  # pylint: disable=import-outside-toplevel
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
@@ -431,12 +439,15 @@ def main(argv=None):
 
     run_samtone()  # warm-up round
     rounds = {side: [] for side in sides}
+    page_faults = collections.Counter()  # minor faults: first touches of newly mapped memory
     for r in range(args.rounds):
         order = list(sides) if r % 2 == 0 else list(sides)[::-1]
         for side in order:
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             started = time.perf_counter()
             sides[side]()
             rounds[side].append(time.perf_counter() - started)
+            page_faults[side] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     matmul = max(matmul, matmul_flops_per_second(jax, jnp, matmul_size))
     peak_source = (f"--peak_tflops={args.peak_tflops}" if peak else
                    f"jnp.dot float32 [{matmul_size}, {matmul_size}]^2 measured in this run")
@@ -471,6 +482,7 @@ def main(argv=None):
         result[f"{side}_computed_tokens_per_step"] = float(np.mean(computed))
         result[f"{side}_padding_fraction"] = 1.0 - sum(real_tokens) / sum(computed)
         result[f"{side}_mfu"] = sum(flops) / best / peak
+        result[f"{side}_page_faults_per_step"] = page_faults[side] / (args.rounds * steps_per_round)
     result["padding_fraction"] = result["samtone_padding_fraction"]
     result["mfu"] = result["samtone_mfu"]
     if args.incumbent:
@@ -489,7 +501,8 @@ def main(argv=None):
         print(f"{side:9s}: {result[f'{side}_pairs_per_s']:8.2f} pairs/s, "
               f"{result[f'{side}_step_seconds'] * 1000:8.1f} ms/step, "
               f"{result[f'{side}_real_tokens_per_s']:9.0f} real tokens/s, padding "
-              f"{result[f'{side}_padding_fraction']:.1%}, MFU {result[f'{side}_mfu']:.1%} "
+              f"{result[f'{side}_padding_fraction']:.1%}, MFU {result[f'{side}_mfu']:.1%}, "
+              f"{result[f'{side}_page_faults_per_step']:,.0f} page faults/step "
               f"(rounds: {', '.join(f'{t:.2f}s' for t in rounds[side])})")
     if args.incumbent:
         print(f"ratio (samtone / incumbent pairs/s): {result['ratio']:.2f}x")

@@ -15,6 +15,7 @@ from typing import Sequence
 from absl import flags
 
 from samtone import evaluate
+from samtone import host_memory
 from samtone.cli import common
 
 FLAGS = flags.FLAGS
@@ -84,6 +85,7 @@ def _rate(count: int, seconds: float, unit: str) -> str:
 
 
 def console_entry() -> None:
+    host_memory.keep_freed_memory()  # before JAX starts its backend
     define_flags()
     common.run(main)
 

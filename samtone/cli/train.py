@@ -22,6 +22,7 @@ from absl import flags
 from absl import logging
 from etils import epath
 
+from samtone import host_memory
 from samtone import xla_flags
 from samtone.cli import common
 from samtone.cli import gin_parsing
@@ -160,7 +161,8 @@ def main(argv: Sequence[str]) -> None:
 
 def console_entry() -> None:
     """`samtone-train` and `python -m samtone.cli.train`."""
-    xla_flags.add_cpu_flags()  # before JAX starts its backend
+    xla_flags.add_cpu_flags()  # both before JAX starts its backend
+    host_memory.keep_freed_memory()
     define_flags()
     common.run(main, gin_parsing.rewrite_gin_args(sys.argv))
 
