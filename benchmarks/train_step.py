@@ -84,7 +84,7 @@ def parse_args(argv=None):
                              "length buckets (length_buckets), or padded to the maximum")
     parser.add_argument("--batches", type=int, default=4,
                         help="distinct batches, each run once per round (one shape each)")
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per side")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per side")
     parser.add_argument("--incumbent", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the PyTorch incumbent (needs the `test` extra)")
     parser.add_argument("--xla_cpu_flags", action=argparse.BooleanOptionalAction, default=True,

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-# Three executions of a function whose temporaries (several 16 MB matrices) XLA:CPU mallocs per
+# Sixteen executions of a function whose temporaries (several 16 MB matrices) XLA:CPU mallocs per
 # execution; prints the minor page faults of each execution as JSON.
 PROGRAM = """
 import json, resource, sys
@@ -23,7 +23,7 @@ import jax, jax.numpy as jnp
 x = jnp.ones((2048, 2048), jnp.float32)
 f = jax.jit(lambda x: jnp.dot(jnp.cos(jnp.dot(jnp.sin(jnp.dot(x, x)), x)), x).sum())
 faults = []
-for _ in range(3):
+for _ in range(16):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     f(x).block_until_ready()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -52,10 +52,11 @@ def huge_pages_always() -> bool:
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_repeated_executions_reuse_their_pages():
     kept = execution_page_faults("keep")
-    # After the first execution the temporaries land on pages already mapped.
-    assert max(kept[1:]) < TEMPORARY_PAGES // 100, kept
+    # Once the heap has grown to fit (the first few executions), the temporaries land on pages
+    # already mapped, and the process stops growing.
+    assert max(kept[-4:]) < TEMPORARY_PAGES // 100, kept
     default = execution_page_faults("default")
     # What it fixes, where the kernel maps 4 KiB pages: glibc maps each large temporary anew.
     # (Under transparent huge pages "always" the default faults in 2 MiB pages, far fewer.)
     if not huge_pages_always():
-        assert min(default[1:]) > TEMPORARY_PAGES // 2, default
+        assert min(default[-4:]) > TEMPORARY_PAGES // 2, default
