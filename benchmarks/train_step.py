@@ -32,7 +32,9 @@ and alternating step by step charged that spin to samtone's next step (small, `r
 a step alternating by steps, 2.87 s alone).
 MFU is the model FLOPs of the real tokens (samtone.plan.texts_train_flops: padding is not
 counted) per second over `--peak_tflops`, or on CPU over the float32 matmul throughput this
-run measures with a large `jnp.dot`. Prints numbers and the command; asserts nothing.
+run measures with a large `jnp.dot`. Each side's minor page faults per step are counted too
+(getrusage): fresh memory touched by a step, which `--no-keep_freed_memory` shows (see
+samtone.host_memory). Prints numbers and the command; asserts nothing.
 `--output` writes them as JSON, `--profile=DIR` also writes a jax.profiler trace of a few
 samtone steps and prints the XLA operations that took the most time.
 
