@@ -117,6 +117,9 @@ def parse_args(argv=None):
                         help="write a jax.profiler trace of samtone's steps to this folder "
                              "and print the operations that took the most time")
     args = parser.parse_args(argv)
+    for name in ("batch", "batches", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name}={getattr(args, name)}: must be at least 1")
     if args.batching == "packed" and args.microbatches > 1:
         parser.error("--microbatches needs --batching=buckets or max (packed rows mix examples)")
     return args

@@ -3,9 +3,10 @@
 XLA:CPU mallocs one block for all of an execution's temporaries (1.8 GB for the T5.1.1-small
 train step at batch 32) from its worker threads, and frees it at the end. glibc serves a block
 that large with its own mmap and unmaps it on free, so every step touches 1.8 GB of new pages:
-about 450,000 page faults a step, each page zeroed by the kernel (counted with
-`/usr/bin/time -f %R`). With one arena, no mmap and no trimming, the freed block goes back to
-the heap and the next step gets the same, already mapped, pages (README, "Benchmarks").
+about 465,000 page faults a step, each page zeroed by the kernel (counted by
+`benchmarks/train_step.py --no-keep_freed_memory`). With one arena, no mmap and no trimming,
+the freed block goes back to the heap and the next step gets the same, already mapped, pages
+(README, "Benchmarks").
 
 glibc only (Linux); elsewhere nothing changes. Call it before JAX starts its backend: threads
 that already have an arena keep it.

@@ -6,6 +6,7 @@ The page faults are the kernel's count (getrusage), independent of glibc and XLA
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 
@@ -29,7 +30,7 @@ for _ in range(16):
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 print(json.dumps(faults))
 """
-TEMPORARY_PAGES = 2 * 2048 * 2048 * 4 // 4096  # at least two live 16 MB temporaries
+TEMPORARY_PAGES = 2 * 2048 * 2048 * 4 // resource.getpagesize()  # two live 16 MB temporaries
 
 
 def execution_page_faults(mode: str) -> list[int]:
@@ -56,7 +57,7 @@ def test_repeated_executions_reuse_their_pages():
     # already mapped, and the process stops growing.
     assert max(kept[-4:]) < TEMPORARY_PAGES // 100, kept
     default = execution_page_faults("default")
-    # What it fixes, where the kernel maps 4 KiB pages: glibc maps each large temporary anew.
+    # What it fixes, where the kernel maps base pages: glibc maps each large temporary anew.
     # (Under transparent huge pages "always" the default faults in 2 MiB pages, far fewer.)
     if not huge_pages_always():
         assert min(default[-4:]) > TEMPORARY_PAGES // 2, default
