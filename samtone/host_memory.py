@@ -38,4 +38,5 @@ def keep_freed_memory() -> bool:
         return False
     mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    # A list, not a generator: every setting is applied even when an earlier one is refused.
     return all([mallopt(parameter, value) == 1 for parameter, value in SETTINGS])
