@@ -40,3 +40,7 @@ class OutputExistsError(UserError, FileExistsError):
 
 class MissingDependencyError(UserError, ImportError):
     """An optional package a requested feature needs is not installed; says what to install."""
+
+
+class ChangedConfigError(ConfigError):
+    """The configuration differs from the run it would resume (a model or optimiser setting)."""

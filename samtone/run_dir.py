@@ -28,6 +28,7 @@ from typing import Iterable
 from absl import logging
 from etils import epath
 
+from samtone import paths
 from samtone.errors import ConfigError, OutputExistsError
 
 CHECKPOINTS = "checkpoints"
@@ -43,8 +44,7 @@ _RUN_STATE = (CHECKPOINTS, TRAIN_EVENTS, CONFIG, MANIFEST, VOCABULARY, LOCK)
 
 def absolute(path: str | os.PathLike) -> epath.Path:
     """A local path made absolute (~ expanded, relative to the current folder); URLs as given."""
-    text = os.fspath(path)
-    return epath.Path(text if "://" in text else os.path.abspath(os.path.expanduser(text)))
+    return epath.Path(paths.absolute_path(path))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -139,6 +139,42 @@ def write(model_dir: str | os.PathLike, manifest: RunManifest) -> None:
     temporary.replace(directory / MANIFEST_FILE)  # never a half-written manifest
 
 
+# Fields that may change when a run resumes: how it is laid out and run, not what it is.
+# (scan_layers is restacked on restore; lengths and rules shape no parameter.)
+RESUMABLE_FIELDS = ("dropout_rate", "dtype", "remat_policy", "scan_layers", "query_length",
+                    "passage_length", "logical_axis_rules", "model_parallel", "vocabulary",
+                    "converted_from")
+
+
+def model_differences(recorded: RunManifest, configured: RunManifest) -> list[str]:
+    """Each model setting a resume would change, as 'gin.name: run X, now Y'."""
+    def settings(manifest: RunManifest) -> dict[str, Any]:
+        values = {"dual_encoder.architecture": manifest.architecture,
+                  "dual_encoder.projection_dim": manifest.projection_dim}
+        values.update({f"t5_1_1_config.{name}": value
+                       for name, value in config_to_json(manifest.t5_config).items()
+                       if name not in RESUMABLE_FIELDS})
+        return values
+
+    before, after = settings(recorded), settings(configured)
+    return [f"{name}: run {before[name]!r}, now {after[name]!r}" for name in before
+            if before[name] != after[name]]
+
+
+def record(model_dir: str | os.PathLike, manifest: RunManifest) -> None:
+    """Writes model.json and the vocabulary copy of a new run; a resumed run's stay as they
+    are (the caller has checked `model_differences` and `vocabulary_differs`)."""
+    directory = epath.Path(model_dir)
+    if not (directory / MANIFEST_FILE).exists():
+        write(directory, manifest)
+
+
+def vocabulary_differs(model_dir: str | os.PathLike, vocabulary: str) -> bool:
+    """Does the run's vocabulary copy differ from the file `vocabulary`?"""
+    copy = epath.Path(model_dir) / VOCABULARY_FILE
+    return copy.exists() and copy.read_bytes() != epath.Path(vocabulary).read_bytes()
+
+
 def read(model_dir: str | os.PathLike) -> RunManifest:
     """The manifest of a samtone-train MODEL_DIR; its vocabulary path made absolute."""
     directory = epath.Path(model_dir)
@@ -174,7 +210,8 @@ def read_params(model_dir: str | os.PathLike, manifest: RunManifest | None = Non
     described = (f"the {manifest.architecture} model of {epath.Path(model_dir) / MANIFEST_FILE}"
                  f" ({_sizes(manifest.t5_config)})")
     try:
-        params, step = checkpoint_lib.read_params(directory, step=step, shardings=shardings)
+        params, step = checkpoint_lib.read_params(directory, step=step, shardings=shardings,
+                                                     shapes=shapes)
     except CheckpointError as error:  # e.g. a tree of another architecture
         raise CheckpointError(f"{error}\n(expected: {described})") from error
     check_shapes(_flat_shapes(params), _flat_shapes(shapes),

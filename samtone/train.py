@@ -17,6 +17,7 @@ devices before the current step's metrics can be waited on, so the copy overlaps
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import time
 from typing import Any, Callable, Iterator, Sequence
@@ -31,6 +32,8 @@ from jax.sharding import Mesh
 from samtone import grad_cache
 from samtone import optimizers
 from samtone import partitioning
+from samtone import paths
+from samtone import run_dir
 from samtone import run_manifest
 from samtone import train_step as train_step_lib
 from samtone.checkpoints import manager as checkpoint_lib
@@ -38,7 +41,7 @@ from samtone.checkpoints import pretrained
 from samtone.data import packing
 from samtone.data import pipeline
 from samtone.data.tokenizer import Tokenizer
-from samtone.errors import ConfigError
+from samtone.errors import ChangedConfigError, CheckpointError, ConfigError
 from samtone.preemption import PreemptionNotice
 from samtone.summaries import NonFiniteLossError, Progress, Summaries  # noqa: F401
 from samtone.train_eval import TrainingEvaluator
@@ -55,6 +58,7 @@ class TrainResult:
     checkpoint: Any = None  # the newest checkpoint's folder
     seconds: float = 0.0  # wall time of this call, set-up and compilation included
     skipped_nonfinite: int = 0
+    interrupted: bool = False  # stopped by Ctrl-C (SIGINT) after a checkpoint
 
 
 def train(
@@ -85,6 +89,7 @@ def train(
     skip_nonfinite: bool = False,
     microbatches: int = 1,
     compilation_cache_dir: str | None = None,
+    config_text: str | None = None,
 ) -> TrainResult:
     """Trains `model` with `loss` on `train_data` until `num_train_steps`; resumes if it can.
 
@@ -120,58 +125,108 @@ def train(
       compilation_cache_dir: JAX's persistent compilation cache (process-wide), so a rerun or
         a resume does not compile again; a relative path is under model_dir, None turns it
         off. gin/runs/train.gin sets 'compilation_cache' (MODEL_DIR/compilation_cache).
+      config_text: the Gin config to record as `<model_dir>/config.gin` (samtone-train passes
+        gin.config_str()); written only once every check has passed, and never over a
+        resumed run's own (a different one goes to config.step<N>.gin).
+
+    The run folder is locked while training (samtone.run_dir): a second trainer on it is
+    refused. Resuming with another model (a changed shape or setting) is refused naming each
+    change; a checkpoint in the other layer layout (scan_layers) is restacked.
     """
     started = time.monotonic()
-    model_dir = checkpoint_lib.absolute_directory(model_dir)
-    if compilation_cache_dir:
-        _use_compilation_cache(model_dir, compilation_cache_dir)
-    mesh = mesh if mesh is not None else partitioning.make_mesh()
-    rules = (partitioning.logical_axis_rules(logical_axis_rules)
-             if isinstance(logical_axis_rules, str) else logical_axis_rules)
-    loss_fn = train_step_lib.make_loss_fn(loss, loss_inputs)
-    optimizer = optimizer_factory(total_steps=num_train_steps)
-    tokenizer = Tokenizer(vocabulary)
-    _check_vocabulary(model, tokenizer)
-    if jax.process_index() == 0:
-        run_manifest.write(model_dir, run_manifest.RunManifest.of(
+    run = run_dir.RunDir.at(model_dir)
+    run.check_writable()
+    train_data, eval_data = paths.absolute_paths(train_data), paths.absolute_paths(eval_data)
+    vocabulary = paths.absolute_path(vocabulary)
+    init_checkpoint = paths.absolute_path(init_checkpoint)
+    lock = run_dir.RunLock(run)
+    if jax.process_index() == 0 and run.root.exists():
+        lock.acquire()  # before the run is read: no other trainer may be writing it
+    try:
+        # Everything is checked before anything is written: a start that fails leaves an
+        # existing run byte-identical and creates no new MODEL_DIR.
+        mesh = mesh if mesh is not None else partitioning.make_mesh()
+        rules = (partitioning.logical_axis_rules(logical_axis_rules)
+                 if isinstance(logical_axis_rules, str) else logical_axis_rules)
+        loss_fn = train_step_lib.make_loss_fn(loss, loss_inputs)
+        optimizer = optimizer_factory(total_steps=num_train_steps)
+        tokenizer = Tokenizer(vocabulary)
+        _check_vocabulary(model, tokenizer)
+        manifest = run_manifest.RunManifest.of(
             model, query_length=query_length, passage_length=passage_length,
             vocabulary=vocabulary, logical_axis_rules=logical_axis_rules,
-            model_parallel=dict(mesh.shape).get("model", 1)))
+            model_parallel=dict(mesh.shape).get("model", 1))
+        saved_steps = checkpoint_lib.checkpoint_steps(run.checkpoints)
+        if saved_steps:
+            _check_resumable(run, manifest, saved_steps[-1], num_train_steps)
 
-    grad_cache.check_microbatches(microbatches, global_batch_size,
-                                  partitioning.batch_shards(mesh, rules))
-    rows = partitioning.process_batch_rows(mesh, rules, global_batch_size)
-    iterator = batch_iterator_factory(
-        train_data, tokenizer=tokenizer, global_batch_size=global_batch_size,
-        query_length=query_length, passage_length=passage_length, seed=seed, local_rows=rows)
-    example_batch = _example_global_batch(iterator, global_batch_size)
-    train_step_lib.check_packed_microbatches(example_batch, microbatches)  # before compiling
-    # Shardings depend on each array's rank only, so they serve every bucket's shapes.
-    batch_shardings = partitioning.batch_shardings(
-        {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in example_batch.items()},
-        mesh, rules)
-    batch_shards = partitioning.batch_shards(mesh, rules)
+        grad_cache.check_microbatches(microbatches, global_batch_size,
+                                      partitioning.batch_shards(mesh, rules))
+        rows = partitioning.process_batch_rows(mesh, rules, global_batch_size)
+        iterator = batch_iterator_factory(
+            train_data, tokenizer=tokenizer, global_batch_size=global_batch_size,
+            query_length=query_length, passage_length=passage_length, seed=seed,
+            local_rows=rows)
+        example_batch = _example_global_batch(iterator, global_batch_size)
+        train_step_lib.check_packed_microbatches(example_batch, microbatches)  # before compiling
+        # Shardings depend on each array's rank only, so they serve every bucket's shapes.
+        batch_shardings = partitioning.batch_shardings(
+            {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in example_batch.items()},
+            mesh, rules)
+        batch_shards = partitioning.batch_shards(mesh, rules)
 
-    def to_devices(host_batch):
-        if packing.is_packed(host_batch):  # every process holds the whole packed batch
-            return _device_batch(packing.pad_rows(host_batch, batch_shards), batch_shardings)
-        return _global_batch(host_batch, rows, global_batch_size, batch_shardings)
+        def to_devices(host_batch):
+            if packing.is_packed(host_batch):  # every process holds the whole packed batch
+                return _device_batch(packing.pad_rows(host_batch, batch_shards),
+                                     batch_shardings)
+            return _global_batch(host_batch, rows, global_batch_size, batch_shardings)
 
-    if init_checkpoint and not checkpoint_lib.checkpoint_steps(model_dir / "checkpoints"):
-        pretrained.checkpoint_kind(init_checkpoint)  # a wrong path fails before any set-up
-    manager = checkpoint_lib.make_checkpoint_manager(model_dir / "checkpoints",
-                                                     keep=keep_checkpoints)
-    state, state_shardings = _initial_state(
-        model, optimizer, example_batch, mesh, rules, seed, manager, iterator, init_checkpoint)
+        if saved_steps:
+            manager = checkpoint_lib.make_checkpoint_manager(run.checkpoints,
+                                                             keep=keep_checkpoints)
+            state, state_shardings = _resumed_state(model, optimizer, example_batch, mesh,
+                                                    rules, seed, manager, iterator)
+        else:
+            if init_checkpoint:
+                pretrained.checkpoint_kind(init_checkpoint)  # a wrong path fails at once
+            state, state_shardings = _fresh_state(model, optimizer, example_batch, mesh, rules,
+                                                  seed, init_checkpoint)
+            if jax.process_index() == 0:
+                run.root.mkdir(parents=True, exist_ok=True)
+                lock.acquire()
+            manager = checkpoint_lib.make_checkpoint_manager(run.checkpoints,
+                                                             keep=keep_checkpoints)
+        step = int(jax.device_get(state.step))
+        if jax.process_index() == 0:
+            _record_run(run, manifest, config_text, step)
+        if compilation_cache_dir:
+            _use_compilation_cache(run.root, compilation_cache_dir)
+        return _train_loop(
+            run, manager, state, state_shardings, iterator, to_devices, model, optimizer,
+            loss_fn, batch_shardings, mesh, rules, tokenizer, started, step,
+            num_train_steps=num_train_steps, global_batch_size=global_batch_size,
+            query_length=query_length, passage_length=passage_length, eval_data=eval_data,
+            eval_every=eval_every, eval_batch_size=eval_batch_size, eval_split=eval_split,
+            log_every=log_every, checkpoint_every=checkpoint_every,
+            skip_nonfinite=skip_nonfinite, microbatches=microbatches)
+    finally:
+        lock.release()
+
+
+def _train_loop(run, manager, state, state_shardings, iterator, to_devices, model, optimizer,
+                loss_fn, batch_shardings, mesh, rules, tokenizer, started, step, *,
+                num_train_steps, global_batch_size, query_length, passage_length, eval_data,
+                eval_every, eval_batch_size, eval_split, log_every, checkpoint_every,
+                skip_nonfinite, microbatches) -> TrainResult:
+    """Steps from `step` to `num_train_steps`: checkpoints, summaries, evaluation, stops."""
     train_step = train_step_lib.make_train_step(
         model, optimizer, loss_fn, state_shardings, batch_shardings, mesh, rules,
         skip_nonfinite=skip_nonfinite, microbatches=microbatches)
     evaluator = (TrainingEvaluator(model, state_shardings.params, mesh, rules, tokenizer,
                                    eval_data, query_length, passage_length, eval_batch_size,
-                                   model_dir=model_dir, split=eval_split)
+                                   model_dir=run.root, split=eval_split)
                  if eval_data else None)
-    summaries = Summaries(model_dir)
-    step = int(jax.device_get(state.step))
+    summaries = Summaries(run.root)
     logging.info("training from step %d to %d, global batch %d, mesh %s, setup took %.1fs",
                  step, num_train_steps, global_batch_size, dict(mesh.shape),
                  time.monotonic() - started)
@@ -180,7 +235,8 @@ def train(
     eval_metrics: dict[str, float] = {}
     preempted = False
     # SIGTERM is caught until the end, so a notice during the final evaluation or save lets
-    # them finish instead of killing the process.
+    # them finish instead of killing the process. Ctrl-C (SIGINT) stops like a notice during
+    # the steps; once they are done (the last checkpoint saved) it interrupts at once.
     batches = _prefetch_to_devices(iterator, to_devices, num_train_steps - step)
     with PreemptionNotice() as preemption:
         try:
@@ -195,27 +251,106 @@ def train(
                     # A non-finite loss raises here, before anything is checkpointed.
                     progress.flush(skip_nonfinite)
                 if save:
-                    checkpoint_lib.save_checkpoint(manager, step, state,
-                                                   {"iterator": data_state})
+                    _save(manager, step, state, data_state)
                 if preempted:
-                    logging.warning("preemption notice: checkpoint of step %d written; run "
-                                    "the same command again to resume", step)
+                    logging.warning("%s: checkpoint of step %d written; run the same command "
+                                    "again to resume", preemption.reason, step)
                     break
                 if evaluator and eval_every and step % eval_every == 0 and step < num_train_steps:
                     progress.flush(skip_nonfinite)  # never evaluate non-finite parameters
                     eval_metrics = evaluator(state.params, step, summaries)
+            preemption.steps_done()
             if evaluator and not preempted:
                 eval_metrics = evaluator(state.params, step, summaries)
         finally:
             # Whatever stops the loop, a checkpoint being written is finished, not left half done.
-            manager.wait_until_finished()
-            newest = manager.latest_step()
-            manager.close()
-            summaries.close()
+            try:
+                _finish_saves(manager, step)
+            finally:
+                newest = manager.latest_step()
+                manager.close()
+                summaries.close()
     return TrainResult(state=state, step=step, eval_metrics=eval_metrics, preempted=preempted,
+                       interrupted=preemption.interrupted,
                        checkpoint=None if newest is None else manager.directory / str(newest),
                        seconds=time.monotonic() - started,
                        skipped_nonfinite=progress.skipped_nonfinite)
+
+
+def _save(manager, step: int, state, data_state) -> None:
+    """Starts saving a checkpoint; an earlier save that failed for want of space is reported."""
+    try:
+        checkpoint_lib.save_checkpoint(manager, step, state, {"iterator": data_state})
+    except Exception as error:  # pylint: disable=broad-except  (orbax wraps the OSError)
+        _raise_if_out_of_space(error, manager, step)
+        raise
+
+
+def _finish_saves(manager, step: int) -> None:
+    try:
+        manager.wait_until_finished()
+    except Exception as error:  # pylint: disable=broad-except
+        _raise_if_out_of_space(error, manager, step)
+        raise
+
+
+def _raise_if_out_of_space(error: BaseException, manager, step: int) -> None:
+    """A save that ran out of disk becomes one message; the previous checkpoint is intact
+    (orbax renames a step into place only when it is complete)."""
+    seen = error
+    while seen is not None:
+        if (getattr(seen, "errno", None) == errno.ENOSPC
+                or "No space left on device" in str(seen)):
+            break
+        seen = seen.__cause__ or seen.__context__
+    else:
+        return
+    saved = [s for s in checkpoint_lib.checkpoint_steps(manager.directory) if s <= step]
+    previous = (f"the previous checkpoint (step {saved[-1]}) is intact" if saved
+                else "no earlier checkpoint exists")
+    raise CheckpointError(f"no space left on the device holding {manager.directory} while "
+                          f"saving the checkpoint of step {step}; {previous}. Free space and "
+                          "run the same command again to resume") from error
+
+
+def _check_resumable(run: run_dir.RunDir, manifest: run_manifest.RunManifest, newest: int,
+                     num_train_steps: int) -> None:
+    """Refuses a resume that would change the model, the vocabulary or go backwards."""
+    if newest > num_train_steps:
+        raise ConfigError(f"{run.checkpoints} holds step {newest}, beyond TRAIN_STEPS "
+                          f"(train.num_train_steps) = {num_train_steps}; raise TRAIN_STEPS to "
+                          "train on, or choose a new MODEL_DIR")
+    if run.manifest.exists():
+        differences = run_manifest.model_differences(run_manifest.read(run.root), manifest)
+        if differences:
+            raise ChangedConfigError(
+                f"MODEL_DIR={run.root} holds a run of another model ({run.manifest}); resuming "
+                "it with this config would lose its checkpoints. Changed: "
+                + "; ".join(differences)
+                + ". Set them back, or choose a new MODEL_DIR for the new model")
+    if manifest.vocabulary and run_manifest.vocabulary_differs(run.root, manifest.vocabulary):
+        raise ChangedConfigError(
+            f"VOCABULARY (train.vocabulary) = {manifest.vocabulary} differs from the vocabulary "
+            f"the run in {run.root} was trained with ({run.vocabulary}); use that one, or "
+            "choose a new MODEL_DIR")
+
+
+def _record_run(run: run_dir.RunDir, manifest: run_manifest.RunManifest,
+                config_text: str | None, step: int) -> None:
+    """model.json, spm.model and config.gin of a new run; a resume keeps the run's own and
+    records a config unlike config.gin as config.step<N>.gin."""
+    run_manifest.record(run.root, manifest)
+    if config_text is None:
+        return
+    target = run.config if not run.config.exists() else run.resumed_config(step)
+    if run.config.exists() and run.config.read_text() == config_text:
+        return
+    temporary = target.parent / f".{target.name}.tmp"
+    temporary.write_text(config_text)
+    temporary.replace(target)
+    if target != run.config:
+        logging.warning("the config differs from %s; recorded the one this resume at step %d "
+                        "uses as %s", run.config, step, target)
 
 
 def _check_vocabulary(model: nn.Module, tokenizer: Tokenizer) -> None:
@@ -291,18 +426,24 @@ def _device_batch(host_batch: dict[str, np.ndarray], shardings) -> dict[str, jax
             for name, value in host_batch.items()}
 
 
-def _initial_state(model, optimizer, example_batch, mesh, rules, seed, manager, iterator,
-                   init_checkpoint):
-    """The newest checkpoint in model_dir if any, else `init_checkpoint`, else random init."""
-    newest = _agreed_latest_step(manager)
-    if newest is not None:
-        shapes, shardings = train_step_lib.train_state_shardings(
-            model, optimizer, example_batch, mesh, rules, seed=seed)
-        state, data_state, step = checkpoint_lib.restore_checkpoint(
-            manager, checkpoint_lib.abstract_state(shapes, shardings), newest=newest)
-        iterator.set_state(data_state["iterator"])
-        logging.info("resumed from step %d of %s", step, manager.directory)
-        return state, shardings
+def _resumed_state(model, optimizer, example_batch, mesh, rules, seed, manager, iterator):
+    """The newest checkpoint that restores, on the current mesh; the iterator set to its
+    position. A checkpoint of another model or optimiser raises ChangedConfigError."""
+    shapes, shardings = train_step_lib.train_state_shardings(
+        model, optimizer, example_batch, mesh, rules, seed=seed)
+    restored = checkpoint_lib.restore_checkpoint(
+        manager, checkpoint_lib.abstract_state(shapes, shardings),
+        newest=_agreed_latest_step(manager))
+    if restored is None:
+        raise CheckpointError(f"no checkpoint in {manager.directory} could be read")
+    state, data_state, step = restored
+    iterator.set_state(data_state["iterator"])
+    logging.info("resumed from step %d of %s", step, manager.directory)
+    return state, shardings
+
+
+def _fresh_state(model, optimizer, example_batch, mesh, rules, seed, init_checkpoint):
+    """`init_checkpoint`'s encoders (projection random) or random initialisation."""
     init_params = None
     if init_checkpoint:
         init_params = pretrained.load_encoder_params(init_checkpoint, model)

@@ -23,7 +23,9 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from samtone.errors import CheckpointError, MissingFileError
+from samtone import paths
+from samtone.checkpoints import layout
+from samtone.errors import ChangedConfigError, CheckpointError, MissingFileError
 
 STATE = "state"
 DATA = "data"
@@ -32,8 +34,7 @@ DAMAGED_SUFFIX = ".damaged"
 
 def absolute_directory(directory: str | os.PathLike) -> epath.Path:
     """`directory` as an absolute path (orbax refuses relative ones); URLs (gs://) as given."""
-    text = os.fspath(directory)
-    return epath.Path(text if "://" in text else os.path.abspath(os.path.expanduser(text)))
+    return epath.Path(paths.absolute_path(directory))
 
 
 def make_checkpoint_manager(directory: str | epath.PathLike, *, keep: int | None = 3,
@@ -71,18 +72,23 @@ def restore_checkpoint(manager: ocp.CheckpointManager, target: Any, *,
     """Restores (state, data_state, step) onto `target`'s shardings; None if no checkpoint.
 
     Without `step`, the newest step (at most `newest`: the step all processes agreed on) that
-    restores is used; each damaged newer step is moved aside (`<step>.damaged`) with a
-    warning, so it is neither retried nor in the way of the save that will write that step
-    again.
+    restores is used; each damaged newer step (a file truncated or lost) is moved aside
+    (`<step>.damaged`) with a warning, so it is neither retried nor in the way of the save
+    that will write that step again. A step saved in the other layer layout (scan_layers) is
+    restacked (samtone.checkpoints.layout).
+
+    Raises:
+      ChangedConfigError: the step holds another model or optimiser than `target` (another
+        shape, a leaf more or less): a changed config, not damage, so nothing is moved.
     """
     steps = [step] if step is not None else sorted(
         (s for s in manager.all_steps() if newest is None or s <= newest), reverse=True)
     damaged = []
     for candidate in steps:
-        args = ocp.args.Composite(**{STATE: ocp.args.StandardRestore(target),
-                                     DATA: ocp.args.JsonRestore()})
         try:
-            restored = manager.restore(candidate, args=args)
+            restored = _restore_step(manager, candidate, target)
+        except ChangedConfigError:
+            raise
         except Exception as error:  # pylint: disable=broad-except  (any damage: orbax, tensorstore)
             if step is not None:
                 raise _damaged_error(manager.directory, candidate, error) from error
@@ -92,12 +98,65 @@ def restore_checkpoint(manager: ocp.CheckpointManager, target: Any, *,
                             type(error).__name__, error, moved)
             damaged.append(candidate)
             continue
-        return restored[STATE], restored[DATA], candidate
+        return (*restored, candidate)
     if damaged:
         raise CheckpointError(f"no checkpoint in {manager.directory} could be restored: steps "
                               f"{damaged} are damaged (moved aside as <step>{DAMAGED_SUFFIX}); "
                               "delete MODEL_DIR/checkpoints to start again")
     return None
+
+
+def _restore_step(manager: ocp.CheckpointManager, step: int, target: Any) -> tuple[Any, dict]:
+    """(state, data_state) of one step on `target`, restacked if it has the other layout."""
+    stored = _stored_leaves(manager.directory, step)
+    wanted, treedef = layout.flatten(target)
+    try:
+        plan = layout.plan(stored, wanted)
+    except layout.LayoutMismatch as error:
+        raise ChangedConfigError(
+            f"checkpoint step {step} in {manager.directory} holds another model or optimiser "
+            f"than the one configured: {error}") from error
+    if plan.identity:
+        item = target
+    else:  # read the stored layout, each leaf sharded like the configured leaf it becomes
+        shardings = plan.stored_shardings({path: leaf.sharding for path, leaf in wanted.items()})
+        dtypes = {source: wanted[path].dtype for path, recipe in plan.recipes.items()
+                  for source in recipe.sources}
+        item = _abstract_like(manager.directory, step, shardings, dtypes)
+    args = ocp.args.Composite(**{STATE: ocp.args.StandardRestore(item),
+                                 DATA: ocp.args.JsonRestore()})
+    restored = manager.restore(step, args=args)
+    state = restored[STATE]
+    if not plan.identity:
+        built = plan.apply(layout.flatten(state)[0], wanted)
+        state = jax.tree_util.tree_unflatten(treedef, [built[path] for path in wanted])
+        logging.info("checkpoint step %d restacked to the configured layer layout", step)
+    return state, restored[DATA]
+
+
+def _stored_tree(directory: epath.Path, step: int) -> Any:
+    """The stored state's metadata tree (leaves with .shape and .dtype)."""
+    reader = _reader()
+    try:
+        metadata = reader.metadata(epath.Path(directory) / str(step)).item_metadata[STATE]
+    finally:
+        reader.close()
+    return getattr(metadata, "tree", metadata)
+
+
+def _stored_leaves(directory: epath.Path, step: int) -> dict:
+    return layout.flatten(_stored_tree(directory, step))[0]
+
+
+def _abstract_like(directory: epath.Path, step: int, shardings: dict, dtypes: dict) -> Any:
+    """The stored tree as ShapeDtypeStructs on `shardings` (unread leaves: first device)."""
+    tree = _stored_tree(directory, step)
+    leaves, treedef = layout.flatten(tree)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree_util.tree_unflatten(treedef, [
+        jax.ShapeDtypeStruct(leaf.shape, dtypes.get(path, leaf.dtype),
+                             sharding=shardings.get(path, device))
+        for path, leaf in leaves.items()])
 
 
 def _damaged_error(directory, step: int, error: Exception) -> CheckpointError:
@@ -149,14 +208,34 @@ def _chosen_step(directory: epath.Path, step: int | None) -> int:
     return step
 
 
-def _restore_subtree(directory: epath.Path, step: int, select, shardings=None) -> Any:
-    """The part `select(state)` of a step's state, on `shardings` (default: one local device)."""
+def _restore_subtree(directory: epath.Path, step: int, select, shardings=None,
+                     shapes=None) -> Any:
+    """The part `select(state)` of a step's state, on `shardings` (default: one local device).
+
+    With `shapes` (a tree of ShapeDtypeStructs like the wanted subtree, `shardings` alike), a
+    subtree stored in the other layer layout is restacked to it (samtone.checkpoints.layout).
+    """
     reader = _reader()
     try:
-        metadata = reader.metadata(directory / str(step)).item_metadata[STATE]
-        metadata = getattr(metadata, "tree", metadata)
-        chosen = select(metadata)
-        if shardings is None:
+        chosen = select(_stored_tree(directory, step))
+        plan, wanted, treedef = None, None, None
+        if shapes is not None:
+            wanted, treedef = layout.flatten(jax.tree.map(
+                lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                                            sharding=sharding),
+                shapes, shardings))
+            try:
+                plan = layout.plan(layout.flatten(chosen)[0], wanted)
+            except layout.LayoutMismatch:
+                plan = None  # the caller compares shapes and names the differences
+        if plan is not None and not plan.identity:
+            derived = plan.stored_shardings({path: leaf.sharding
+                                             for path, leaf in wanted.items()})
+            leaves, stored_def = layout.flatten(chosen)
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            shardings = jax.tree_util.tree_unflatten(
+                stored_def, [derived.get(path, device) for path in leaves])
+        elif shardings is None:
             device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             shardings = jax.tree.map(lambda _: device, chosen)
         target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
@@ -172,7 +251,11 @@ def _restore_subtree(directory: epath.Path, step: int, select, shardings=None) -
         raise _damaged_error(directory, step, error) from error
     finally:
         reader.close()
-    return select(restored[STATE])
+    subtree = select(restored[STATE])
+    if plan is not None and not plan.identity:
+        built = plan.apply(layout.flatten(subtree)[0], wanted)
+        subtree = jax.tree_util.tree_unflatten(treedef, [built[path] for path in wanted])
+    return subtree
 
 
 class _Key:
@@ -189,15 +272,17 @@ class _Key:
 
 
 def read_params(directory: str | os.PathLike, *, step: int | None = None,
-                shardings: Any = None) -> tuple[Any, int]:
+                shardings: Any = None, shapes: Any = None) -> tuple[Any, int]:
     """(parameters, step) of a checkpoint: nothing else is read (no optimiser state).
 
     `shardings` (a tree like the parameters) lays them out over a mesh, so a model larger than
-    one device loads; default: one local device. `step=None`: the newest.
+    one device loads; default: one local device. `step=None`: the newest. `shapes` (a tree
+    of ShapeDtypeStructs like the parameters, with `shardings`) restacks parameters saved in
+    the other layer layout (scan_layers) to it.
     """
     directory = absolute_directory(directory)
     step = _chosen_step(directory, step)
-    return _restore_subtree(directory, step, _Key("params"), shardings), step
+    return _restore_subtree(directory, step, _Key("params"), shardings, shapes), step
 
 
 def read_checkpoint(directory: str | epath.PathLike, *, step: int | None = None

@@ -22,27 +22,11 @@ from absl import flags
 from absl import logging
 
 from samtone.errors import UserError
+from samtone.paths import absolute_path, absolute_paths  # noqa: F401  (the commands' helpers)
 
 USER_ERROR_EXIT = 2
 TRACEBACK_VARIABLE = "SAMTONE_TRACEBACK"
 FLAGS = flags.FLAGS
-
-
-def absolute_path(path: str | os.PathLike | None) -> str | None:
-    """A local path made absolute (relative to the current folder); URLs (gs://) as given."""
-    if path is None:
-        return None
-    text = os.fspath(path)
-    return text if "://" in text else os.path.abspath(os.path.expanduser(text))
-
-
-def absolute_paths(paths):
-    """`absolute_path` of a path or of each path of a list; other values as given."""
-    if isinstance(paths, (str, os.PathLike)):
-        return absolute_path(paths)
-    if isinstance(paths, (list, tuple)):
-        return type(paths)(absolute_paths(path) for path in paths)
-    return paths
 
 
 class _LibraryNoise(std_logging.Filter):

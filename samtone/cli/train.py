@@ -20,7 +20,6 @@ import gin
 import jax
 from absl import flags
 from absl import logging
-from etils import epath
 
 from samtone import host_memory
 from samtone import xla_flags
@@ -28,7 +27,7 @@ from samtone.cli import common
 from samtone.cli import gin_parsing
 from samtone.cli import gin_registry
 from samtone.errors import ConfigError
-from samtone.preemption import PREEMPTED_EXIT_CODE
+from samtone.preemption import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
 
 DEFAULT_GIN_FILE = "configs/smoke.gin"
 FLAGS = flags.FLAGS
@@ -97,12 +96,27 @@ class _Missing:  # pylint: disable=too-few-public-methods
 
 
 def make_paths_absolute() -> None:
-    """Rebinds each path parameter to its absolute form (relative to the current folder)."""
+    """Makes each path setting absolute (relative to the current folder) where it is defined.
+
+    A parameter bound to a macro (`train.model_dir = %MODEL_DIR`) keeps that binding and the
+    macro gets the absolute value, so the run's config.gin replays with a new
+    `--gin.MODEL_DIR=...`; a parameter bound to a literal gets the absolute literal.
+    """
     for name in PATH_PARAMETERS:
-        value = gin_parsing.setting(name, default=None)
+        try:
+            value = gin.query_parameter(name)
+        except ValueError:
+            continue
+        target = name
+        while (isinstance(value, gin.config.ConfigurableReference)
+               and value.selector == "gin.macro"):
+            target = f"{value.scoped_selector.split('/')[0]}/gin.macro.value"
+            value = gin.query_parameter(target)
+        if isinstance(value, gin.config.ConfigurableReference):
+            continue  # a function's result (e.g. smoke_path), absolute by itself
         absolute = common.absolute_paths(value)
         if absolute != value:
-            gin.bind_parameter(name, absolute)
+            gin.bind_parameter(target, absolute)
 
 
 def summary(result, model_dir: str, total_steps: int) -> str:
@@ -148,10 +162,13 @@ def main(argv: Sequence[str]) -> None:
     if jax.process_index() != 0:
         logging.set_verbosity(logging.WARNING)  # progress is logged once, by process 0
     model_dir = gin_parsing.setting("train.model_dir")
-    if jax.process_index() == 0:
-        epath.Path(model_dir).mkdir(parents=True, exist_ok=True)
-        (epath.Path(model_dir) / "config.gin").write_text(gin.config_str())
-    result = gin.get_configurable("train")()
+    result = gin.get_configurable("train")(config_text=gin.config_str())
+    if result.interrupted:
+        if jax.process_index() == 0:
+            print(f"samtone-train: interrupted at step {result.step}; checkpoint "
+                  f"{result.checkpoint} written, run the same command again to resume",
+                  file=sys.stderr, flush=True)
+        sys.exit(INTERRUPTED_EXIT_CODE)
     if jax.process_index() == 0:
         print(summary(result, model_dir, gin_parsing.setting("train.num_train_steps")),
               flush=True)
