@@ -52,8 +52,11 @@ import numpy as np
 
 from samtone import evaluate
 from samtone import inference
+from samtone import output_folder
+from samtone import run_dir
 from samtone.data import files
 from samtone.data import retrieval
+from samtone.errors import DataError
 from samtone.normalize import l2_normalize
 
 Pairs = Sequence[tuple[int, int]]
@@ -403,12 +406,16 @@ def run_names(model_dirs: Sequence[str]) -> list[str]:
 
 
 FIGURES = ("tsne.png", "distances.png", "similarities.png")
+SUMMARY_FILE = "summary.json"
+# Every embedding is compared with the others of its tower (nearest other query, uniformity,
+# random distinct pairs), so each tower needs two.
+MIN_QUERIES = MIN_PASSAGES = 2
 
 
 def analyze(model_dir: str, data: str | Sequence[str], output_dir: str, *,
             compare: str | None = None, split: str = "test", step: int | None = None,
             batch_size: int = 128, max_points: int = 2000, max_samples: int = 100_000,
-            seed: int = 0) -> dict:
+            seed: int = 0, overwrite: bool = False) -> dict:
     """Writes the FIGURES and summary.json for `data`'s pairs; returns the summary.
 
     `compare`: a second run (or export) drawn in every figure next to `model_dir`'s, its
@@ -416,9 +423,21 @@ def analyze(model_dir: str, data: str | Sequence[str], output_dir: str, *,
     queries and passages (queries sampled, each with its passages); the histograms and
     numbers use every pair (figure 6: at most `max_samples` random pairs). A BEIR folder
     gives the pairs of its `split`.
+
+    Before any model is loaded: existing figures or summary.json in `output_dir` are refused
+    unless `overwrite`, an output that is or holds an input always, and so is data of fewer
+    than 2 distinct queries or passages. The files appear together, summary.json last, or not
+    at all.
     """
+    outputs = [*FIGURES, SUMMARY_FILE]
+    data_paths = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+    run_dir.check_output(output_dir, [("--model_dir", model_dir), ("--compare", compare),
+                                      *(("--data", path) for path in data_paths)],
+                         flag="--output_dir")
+    output_folder.check_files(output_dir, outputs, overwrite, flag="--output_dir")
     examples = files.read_examples(data, split=split)
     dataset = retrieval.from_examples(examples, retrieval.data_name(data, split))
+    _check_enough(dataset, data_paths, len(examples))
     pairs = np.stack([dataset.qrels.queries, dataset.qrels.passages], axis=1)
     model_dirs = [model_dir] + ([compare] if compare else [])
     runs, summaries = [], []
@@ -436,19 +455,34 @@ def analyze(model_dir: str, data: str | Sequence[str], output_dir: str, *,
             **evaluate.rank_embeddings(queries, passages, dataset).metrics,
         })
 
-    os.makedirs(output_dir, exist_ok=True)
-    sample_queries, sample_passages, sample_pairs = _sample(pairs, len(dataset.queries),
-                                                            max_points, seed)
-    tsne_plot([RunEmbeddings(run.name, run.queries[sample_queries],
-                             run.passages[sample_passages], sample_pairs) for run in runs],
-              os.path.join(output_dir, "tsne.png"), seed=seed)
-    distance_histograms(runs, os.path.join(output_dir, "distances.png"))
-    similarity_histogram(runs, os.path.join(output_dir, "similarities.png"),
-                         max_samples=max_samples, seed=seed)
     summary = dict(summaries[0])
     if compare:
         summary["compare"] = summaries[1]
-    with open(os.path.join(output_dir, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
-        f.write("\n")
+    with output_folder.write_files_atomically(output_dir, outputs, overwrite,
+                                              flag="--output_dir") as folder:
+        sample_queries, sample_passages, sample_pairs = _sample(pairs, len(dataset.queries),
+                                                                max_points, seed)
+        tsne_plot([RunEmbeddings(run.name, run.queries[sample_queries],
+                                 run.passages[sample_passages], sample_pairs) for run in runs],
+                  os.path.join(folder, "tsne.png"), seed=seed)
+        distance_histograms(runs, os.path.join(folder, "distances.png"))
+        similarity_histogram(runs, os.path.join(folder, "similarities.png"),
+                             max_samples=max_samples, seed=seed)
+        with open(os.path.join(folder, SUMMARY_FILE), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
+            f.write("\n")
     return summary
+
+
+def _check_enough(dataset: retrieval.RetrievalSet, data_paths: Sequence[str],
+                  num_examples: int) -> None:
+    """Refuses data with fewer than MIN_QUERIES distinct queries or MIN_PASSAGES passages."""
+    num_queries, num_passages = len(dataset.queries), len(dataset.passages)
+    if num_queries < MIN_QUERIES or num_passages < MIN_PASSAGES:
+        raise DataError(
+            ",".join(map(os.fspath, data_paths)), None, None,
+            f"{num_examples} pair{'s' if num_examples != 1 else ''} with {num_queries} "
+            f"distinct quer{'ies' if num_queries != 1 else 'y'} and {num_passages} distinct "
+            f"passage{'s' if num_passages != 1 else ''}; samtone-analyze needs at least 2 "
+            f"pairs, with {MIN_QUERIES} different queries and {MIN_PASSAGES} different "
+            "passages (it compares each embedding with the others of its tower)")

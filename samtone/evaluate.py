@@ -22,6 +22,7 @@ parameters; samtone.analysis calls `rank_embeddings`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -34,6 +35,8 @@ from etils import epath
 from jax.sharding import Mesh
 
 from samtone import metrics
+from samtone import output_folder
+from samtone import run_dir
 from samtone import search
 from samtone.data import files
 from samtone.data import retrieval
@@ -70,12 +73,13 @@ def evaluate_retrieval(encoder: Encoder, data: RetrievalSet, *, top_k: int = 100
     """Encodes `data`'s corpus and queries with `encoder` and scores its top-k run.
 
     Args:
-      top_k: results per query, at least metrics.REQUIRED_DEPTH (or the whole corpus).
+      top_k: results per query kept in the run (`scores`, `indices`); the search goes at least
+        metrics.REQUIRED_DEPTH deep (or the whole corpus) for the metrics.
       mesh: where the corpus lives; default all devices (partitioning.make_mesh()).
       approximate, recall_target: `jax.lax.approx_max_k` instead of exact top-k.
       progress: tqdm bars on encoding and search (default: on a terminal, large inputs).
     """
-    depth = _depth(top_k, len(data.passages))
+    depth = _search_depth(top_k, len(data.passages))
     seconds = {}
     started = time.perf_counter()
     index = build_index(encoder.passage_chunks(data.passages, progress=progress),
@@ -89,37 +93,39 @@ def evaluate_retrieval(encoder: Encoder, data: RetrievalSet, *, top_k: int = 100
     scores, indices = index.search(queries, depth, approximate=approximate,
                                    recall_target=recall_target, progress=progress)
     seconds["search"] = time.perf_counter() - started
-    return _score_run(scores, indices, data, seconds)
+    return _score_run(scores, indices, data, seconds, top_k)
 
 
 def rank_embeddings(query_embeddings: np.ndarray, passage_embeddings: np.ndarray,
                     data: RetrievalSet, *, top_k: int = 100,
                     mesh: Mesh | None = None) -> RetrievalResult:
     """`evaluate_retrieval` of embeddings already computed (rows = data's queries, passages)."""
-    depth = _depth(top_k, len(passage_embeddings))
+    depth = _search_depth(top_k, len(passage_embeddings))
     started = time.perf_counter()
     index = search.PassageIndex.from_embeddings(l2_normalize(np.asarray(passage_embeddings)),
                                                 mesh)
     scores, indices = index.search(l2_normalize(np.asarray(query_embeddings)), depth,
                                    progress=False)
-    return _score_run(scores, indices, data, {"search": time.perf_counter() - started})
+    return _score_run(scores, indices, data, {"search": time.perf_counter() - started}, top_k)
 
 
-def _depth(top_k: int, num_passages: int) -> int:
-    if top_k < metrics.REQUIRED_DEPTH and top_k < num_passages:
-        raise ConfigError(f"top_k={top_k} is too shallow: Recall@{metrics.REQUIRED_DEPTH} needs "
-                          f"the top {metrics.REQUIRED_DEPTH} of each query's results")
-    return min(top_k, num_passages)
+def _search_depth(top_k: int, num_passages: int) -> int:
+    """How deep to rank: `top_k`, but at least what the metrics read (Recall@100), and never
+    more than the corpus."""
+    if top_k < 1:
+        raise ConfigError(f"top_k={top_k}; it must be >= 1")
+    return min(max(top_k, metrics.REQUIRED_DEPTH), num_passages)
 
 
 def _score_run(scores: np.ndarray, indices: np.ndarray, data: RetrievalSet,
-               seconds: dict[str, float]) -> RetrievalResult:
+               seconds: dict[str, float], top_k: int) -> RetrievalResult:
+    """Metrics on the whole ranking; the run kept is its first `top_k` in trec_eval's order."""
     started = time.perf_counter()
     scores, indices = metrics.trec_order(scores, indices, metrics.id_order(data.passage_ids))
     values = metrics.retrieval_metrics(indices, data.qrels)
     seconds["metrics"] = time.perf_counter() - started
-    return RetrievalResult(values, scores, indices, len(data.queries), len(data.passages),
-                           seconds)
+    return RetrievalResult(values, scores[:, :top_k], indices[:, :top_k], len(data.queries),
+                           len(data.passages), seconds)
 
 
 def build_index(chunks: Iterable[np.ndarray], num_passages: int,
@@ -189,10 +195,7 @@ def write_run(path: str | os.PathLike, data: RetrievalSet, result: RetrievalResu
     Scores are written with 9 significant digits, which tell float32 values apart and keep
     equal ones equal, so trec_eval ranks (and ties) exactly as the metrics here did.
     """
-    path = epath.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.parent / f".{path.name}.tmp"
-    with temporary.open("w") as f:
+    with _replacing(path) as temporary, temporary.open("w") as f:
         for query, (row_scores, row_indices) in enumerate(zip(result.scores, result.indices)):
             query_id = data.query_ids[query]
             f.write("".join(
@@ -200,16 +203,27 @@ def write_run(path: str | os.PathLike, data: RetrievalSet, result: RetrievalResu
                 for rank, (passage, score) in enumerate(zip(row_indices.tolist(),
                                                             row_scores.tolist()), start=1)
                 if passage >= 0))
-    temporary.replace(path)
 
 
 def write_metrics(path: str | os.PathLike, values: dict) -> None:
     """`values` as indented JSON, written whole or not at all."""
+    with _replacing(path) as temporary:
+        temporary.write_text(json.dumps(values, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def _replacing(path: str | os.PathLike) -> Iterator[epath.Path]:
+    """A temporary sibling of `path` that replaces it when the block succeeds, and is deleted
+    on any exception (Ctrl-C included)."""
     path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.parent / f".{path.name}.tmp"
-    temporary.write_text(json.dumps(values, indent=2) + "\n")
-    temporary.replace(path)
+    try:
+        yield temporary
+        temporary.replace(path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
 
 
 def format_table(values: dict[str, float]) -> str:
@@ -256,25 +270,32 @@ def evaluate_model(model_dir: str, data: files.PathOrPaths, *, split: str = "tes
                    output_dir: str | None = None, step: int | None = None,
                    batch_size: int = 128, top_k: int = 100, approximate: bool = False,
                    recall_target: float = 0.95, vocabulary: str | None = None,
-                   progress: bool | None = None, mesh: Mesh | None = None) -> EvalReport:
+                   overwrite: bool = False, progress: bool | None = None,
+                   mesh: Mesh | None = None) -> EvalReport:
     """Evaluates a run (or export) on a BEIR folder or held-out pairs; writes metrics.json and
-    (retrieval) run.trec to `output_dir` (default MODEL_DIR/eval/<data name>)."""
+    (retrieval) run.trec, the top `top_k` of each query, to `output_dir` (default
+    MODEL_DIR/eval/<data name>).
+
+    Existing metrics.json / run.trec there are replaced only with `overwrite`; an output that
+    is or holds an input (the run, the data) is always refused. Both are checked before the
+    model is loaded.
+    """
     folder = retrieval.beir_folder(data)
+    name = retrieval.data_name(folder, split) if folder else retrieval.data_name(data)
+    output_dir = os.fspath(output_dir or run_dir.RunDir.at(model_dir).eval_output(name))
+    _check_output(output_dir, model_dir, data, vocabulary, [METRICS_FILE], overwrite)
     if folder is not None:
         examples, dataset = None, retrieval.read_beir(folder, split)
     else:
         examples = files.read_examples(data)
         dataset = None if retrieval.is_graded(examples) else retrieval.from_examples(
-            examples, retrieval.data_name(data))
-    name = dataset.name if dataset else retrieval.data_name(data)
-    if dataset is not None:
-        _depth(top_k, len(dataset.passages))  # before any loading or encoding
+            examples, name)
+    outputs = [METRICS_FILE] if dataset is None else [RUN_FILE, METRICS_FILE]
+    output_folder.check_files(output_dir, outputs, overwrite)  # before loading the model
     encoder = Encoder.load(model_dir, step=step, batch_size=batch_size)
     if vocabulary is not None:
         check_vocabulary(encoder.tokenizer.path, vocabulary, "--vocabulary")
-    output_dir = os.fspath(output_dir or epath.Path(model_dir) / "eval" / name)
     values: dict = {}
-    written = [os.path.join(output_dir, METRICS_FILE)]
     if dataset is None:
         started = time.perf_counter()
         values.update(evaluate_graded(encoder, examples, progress=progress))
@@ -290,13 +311,26 @@ def evaluate_model(model_dir: str, data: files.PathOrPaths, *, split: str = "tes
         values.update(top_k=min(top_k, result.num_passages),
                       search=f"approximate (recall_target {recall_target})" if approximate
                       else "exact")
-        written.insert(0, os.path.join(output_dir, RUN_FILE))
     values.update(step=int(encoder.step), model_dir=os.fspath(model_dir),
                   data=[os.fspath(p) for p in files.expand_paths(data)])
     if folder is not None:
         values["split"] = split
     if jax.process_index() == 0:
-        if dataset is not None:
-            write_run(written[0], dataset, result)
-        write_metrics(written[-1], values)
+        # run.trec and metrics.json appear together (metrics.json last) or not at all.
+        with output_folder.write_files_atomically(output_dir, outputs, overwrite) as temporary:
+            if dataset is not None:
+                write_run(os.path.join(temporary, RUN_FILE), dataset, result)
+            write_metrics(os.path.join(temporary, METRICS_FILE), values)
+    written = [os.path.join(output_dir, output) for output in outputs]
     return EvalReport(values, names, output_dir, written, seconds)
+
+
+def _check_output(output_dir: str, model_dir: str, data: files.PathOrPaths,
+                  vocabulary: str | None, names: Sequence[str], overwrite: bool) -> None:
+    """Refuses an output folder that is or holds an input, lies in the run's training state,
+    is a file, or (without `overwrite`) already holds `names`."""
+    data_paths = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+    inputs = [("--model_dir", model_dir), *(("--data", path) for path in data_paths),
+              ("--vocabulary", vocabulary)]
+    run_dir.check_output(output_dir, inputs, flag="--output")
+    output_folder.check_files(output_dir, names, overwrite)

@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from samtone import partitioning
 from samtone.errors import ConfigError
 
 # forward(params, sub_batch, dropout_key) -> {"query": [b, D], "passage": [b, D], ...}
@@ -34,13 +35,18 @@ MODEL_INPUTS = ("query_tokens", "passage_tokens", "negative_tokens")
 
 
 def check_microbatches(microbatches: int, global_batch_size: int, batch_shards: int) -> None:
-    """Each of the N sub-batches must be whole and split evenly over the batch shards."""
-    if (not isinstance(microbatches, int) or isinstance(microbatches, bool) or microbatches < 1
-            or global_batch_size % (microbatches * batch_shards)):
+    """The batch must split evenly over the batch shards (the data-parallel devices), and with
+    N > 1 into N sub-batches that each do too. Each failure names the setting at fault: the
+    batch size for the first, train.microbatches for the second."""
+    if not isinstance(microbatches, int) or isinstance(microbatches, bool) or microbatches < 1:
+        raise ConfigError(f"train.microbatches must be a positive integer, got {microbatches!r}")
+    partitioning.check_batch_splits(global_batch_size, batch_shards)
+    if global_batch_size % (microbatches * batch_shards):
         raise ConfigError(
-            f"train.microbatches={microbatches!r} must be a positive integer N such that the "
-            f"global batch of {global_batch_size} splits into N sub-batches, each divisible by "
-            f"the mesh's {batch_shards} batch shards")
+            f"train.microbatches = {microbatches} does not split the global batch of "
+            f"{global_batch_size} (BATCH_SIZE) into {microbatches} sub-batches of a multiple of "
+            f"the {batch_shards} data-parallel devices; BATCH_SIZE must be a multiple of "
+            f"{microbatches} x {batch_shards}")
 
 
 def split(x: jax.Array, microbatches: int) -> jax.Array:

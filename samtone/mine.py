@@ -37,6 +37,8 @@ from absl import logging
 from jax.sharding import Mesh
 
 from samtone import evaluate
+from samtone import output_folder
+from samtone import run_dir
 from samtone import search
 from samtone.data import files
 from samtone.inference import Encoder
@@ -153,7 +155,7 @@ def mine_training_file(model_dir: str, train_data: files.PathOrPaths, output: st
                        step: int | None = None, batch_size: int = 128,
                        block_size: int | None = None, encoders: Encoder | None = None,
                        mesh: Mesh | None = None, approximate: bool = False,
-                       recall_target: float = 0.95,
+                       recall_target: float = 0.95, overwrite: bool = False,
                        progress: bool | None = None) -> MiningStats:
     """Writes `train_data`'s examples to `output` (JSONL) with k mined `negatives` each.
 
@@ -161,7 +163,13 @@ def mine_training_file(model_dir: str, train_data: files.PathOrPaths, output: st
     query's positives are every passage the training data pairs it with (by query text).
     Existing negatives are replaced. Examples left with fewer than k candidates are not
     written (counted in the result), so the file feeds `num_negatives=k` as is.
+
+    An existing `output` is replaced only with `overwrite`, and an output that is an input
+    (the training data, the corpus, the run) never; both are checked before anything is
+    read. The file is written to a temporary sibling and renamed into place, so an
+    interrupted run leaves no partial file.
     """
+    _check_output(output, model_dir, train_data, corpus, overwrite)
     examples = files.read_examples(train_data)
     encoders = encoders or Encoder.load(model_dir, step=step, batch_size=batch_size)
     training_passages = _unique([e.passage for e in examples])
@@ -198,8 +206,8 @@ def mine_training_file(model_dir: str, train_data: files.PathOrPaths, output: st
     logging.info("searched %d queries in %.1fs", len(queries), time.perf_counter() - started)
     complete = [e for e in examples if len(mined[query_index[e.query]]) >= k]
     if jax.process_index() == 0:  # every process mined the same; one writes
-        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-        with open(output, "w", encoding="utf-8") as f:
+        with output_folder.write_file_atomically(output, overwrite) as temporary, \
+                open(temporary, "w", encoding="utf-8") as f:
             for example in complete:
                 negatives = [passages[i] for i in mined[query_index[example.query]]]
                 f.write(json.dumps(_record(example, negatives), ensure_ascii=False) + "\n")
@@ -209,6 +217,19 @@ def mine_training_file(model_dir: str, train_data: files.PathOrPaths, output: st
                  "candidates; corpus of %d passages)", written, k, output, stats.dropped, k,
                  len(passages))
     return stats
+
+
+def _check_output(output: str, model_dir: str, train_data: files.PathOrPaths,
+                  corpus: files.PathOrPaths | None, overwrite: bool) -> None:
+    """Refuses an output that is or holds an input, or (without `overwrite`) exists."""
+    def listed(paths):
+        return [paths] if isinstance(paths, (str, os.PathLike)) else list(paths or ())
+
+    inputs = [("--model_dir", model_dir),
+              *(("--train_data", path) for path in listed(train_data)),
+              *(("--corpus", path) for path in listed(corpus))]
+    run_dir.check_output(output, inputs, flag="--output")
+    output_folder.check_file(output, overwrite)
 
 
 def _keeping_first(chunks: Iterable[np.ndarray], count: int,

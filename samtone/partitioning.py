@@ -197,6 +197,14 @@ def batch_shards(mesh: Mesh, rules: LogicalRules) -> int:
     return math.prod(mesh.shape[axis] for axis in axes)
 
 
+def check_batch_splits(global_batch_size: int, shards: int) -> None:
+    """The global batch must split evenly over the `shards` data-parallel pieces of the mesh."""
+    if global_batch_size % shards:
+        raise ConfigError(
+            f"BATCH_SIZE (train.global_batch_size) = {global_batch_size} does not split over "
+            f"the {shards} data-parallel devices; use a multiple of {shards}")
+
+
 def process_batch_rows(mesh: Mesh, rules: LogicalRules, global_batch_size: int) -> np.ndarray:
     """The rows of a global batch that this process's devices hold, ascending.
 
@@ -204,12 +212,7 @@ def process_batch_rows(mesh: Mesh, rules: LogicalRules, global_batch_size: int) 
     processes) get the same rows, so they read the same examples; the rows of all processes
     together are the whole batch. Refuses a batch the mesh cannot split evenly.
     """
-    shards = batch_shards(mesh, rules)
-    if global_batch_size % shards:
-        raise ConfigError(
-            f"the global batch of {global_batch_size} (gin: BATCH_SIZE) cannot be split over "
-            f"the {shards} batch shards of the mesh {dict(mesh.shape)} ({jax.process_count()} "
-            f"processes); use a multiple of {shards}")
+    check_batch_splits(global_batch_size, batch_shards(mesh, rules))
     sharding = batch_shardings(jax.ShapeDtypeStruct((global_batch_size,), np.int32), mesh,
                                rules)
     rows = set()

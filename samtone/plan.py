@@ -107,11 +107,12 @@ def plan_train_step(model: dual_encoder.DualEncoder, optimizer: optax.GradientTr
     """Compiles the train step for `mesh` from shapes only and measures it (module doc)."""
     batch = {name: jax.ShapeDtypeStruct(np.shape(value), value.dtype)
              for name, value in example_batch.items()}
+    # Before any work: a batch the mesh cannot split is the user's mistake, not XLA's.
+    grad_cache.check_microbatches(microbatches, batch["query_tokens"].shape[0],
+                                  partitioning.batch_shards(mesh, rules))
     abstract, shardings = train_step_lib.train_state_shardings(model, optimizer, batch, mesh,
                                                                rules)
     batch_shardings = partitioning.batch_shardings(batch, mesh, rules)
-    grad_cache.check_microbatches(microbatches, batch["query_tokens"].shape[0],
-                                  partitioning.batch_shards(mesh, rules))
     step = train_step_lib.make_train_step(model, optimizer, loss_fn, shardings, batch_shardings,
                                           mesh, rules, microbatches=microbatches)
     compiled = step.lower(abstract, batch).compile()

@@ -305,6 +305,10 @@ def _raise_if_out_of_space(error: BaseException, manager, step: int) -> None:
         seen = seen.__cause__ or seen.__context__
     else:
         return
+    try:
+        manager.wait_until_finished()  # an earlier save still in flight is listed once done
+    except Exception:  # pylint: disable=broad-except  (the failed save itself)
+        pass
     saved = [s for s in checkpoint_lib.checkpoint_steps(manager.directory) if s <= step]
     previous = (f"the previous checkpoint (step {saved[-1]}) is intact" if saved
                 else "no earlier checkpoint exists")

@@ -116,10 +116,13 @@ def test_pairs_with_a_perfect_and_a_shifted_encoder():
     assert set(second.seconds) == {"encode_passages", "encode_queries", "search", "metrics"}
 
 
-def test_a_shallow_top_k_is_refused():
+def test_a_shallow_top_k_keeps_that_many_results_and_the_full_depth_metrics():
     data, _ = tied_retrieval_set()
-    with pytest.raises(ConfigError, match="top_k=10 is too shallow: Recall@100"):
-        evaluate.evaluate_retrieval(topic_encoder(), data, top_k=10)
+    deep = evaluate.evaluate_retrieval(topic_encoder(), data, top_k=100)
+    shallow = evaluate.evaluate_retrieval(topic_encoder(), data, top_k=2)
+    assert shallow.metrics == deep.metrics  # Recall@100 still reads the whole ranking
+    np.testing.assert_array_equal(shallow.indices, deep.indices[:, :2])
+    np.testing.assert_array_equal(shallow.scores, deep.scores[:, :2])
 
 
 def test_index_keeps_the_rows_of_this_process():
@@ -266,7 +269,9 @@ def test_user_errors_exit_2_with_one_line(trained, tmp_path, args, message):
     run, folder = trained
     (tmp_path / "other.model").write_bytes(b"another vocabulary")
     args = [arg.format(vocabulary=tmp_path / "other.model") for arg in args]
-    result = _run("samtone.cli.eval", f"--model_dir={run}", f"--data={folder}", *args)
+    # A folder of its own: the default output holds an earlier test's evaluation.
+    result = _run("samtone.cli.eval", f"--model_dir={run}", f"--data={folder}",
+                  f"--output={tmp_path / 'out'}", *args)
     assert result.returncode == 2, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "Traceback" not in result.stderr

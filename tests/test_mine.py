@@ -146,7 +146,8 @@ def test_training_file_round_trip(tmp_path):
         ("a95 near second", "a30 extra"), ("a10 answer two", "a20 answer one")]
 
     mine.mine_training_file("unused", str(train_file), str(output), k=2, margin=0.0,
-                            corpus=str(corpus_file), encoders=_fixed_encoders())
+                            corpus=str(corpus_file), encoders=_fixed_encoders(),
+                            overwrite=True)
     # margin 0: a100's positive is 10 degrees off, so a95 (5 off) is a likely false
     # negative and dropped; nothing is closer than the weakest positive for a0 or a300.
     assert [e.negatives for e in files.read_examples(str(output))] == [
@@ -154,7 +155,7 @@ def test_training_file_round_trip(tmp_path):
         ("a30 extra", "a20 answer one"), ("a10 answer two", "a20 answer one")]
 
     stats = mine.mine_training_file("unused", str(train_file), str(output), k=7,
-                                    encoders=_fixed_encoders())
+                                    encoders=_fixed_encoders(), overwrite=True)
     assert (stats.written, stats.dropped) == (0, 4)  # 4 training passages: never 7 negatives
 
 

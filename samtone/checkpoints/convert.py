@@ -29,7 +29,9 @@ so `samtone.inference.Encoder.load(output)`, `samtone-export --model_dir=output`
   T5X, memory-mapped safetensors / .bin for HF) and placed straight onto their shards, laid
   out over all devices by `logical_axis_rules`: on accelerators the host holds one array at a
   time (on a CPU-only machine the devices are host memory: the model is held once).
-- The folder is written to a temporary sibling and renamed into place (samtone.output_folder).
+- The folder is written to a temporary sibling and renamed into place (samtone.output_folder);
+  an existing one is replaced only with `overwrite`, and never when it is or holds the source
+  or the vocabulary.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ from absl import logging
 from flax import traverse_util
 
 from samtone import output_folder
+from samtone import run_dir
 from samtone import run_manifest
 from samtone.checkpoints import hf
 from samtone.checkpoints import manager as checkpoint_lib
@@ -95,6 +98,9 @@ def convert(source_path: str | os.PathLike, output_dir: str | os.PathLike, *,
     if min(query_length, passage_length) < 1:
         raise ConfigError(f"--query_length and --passage_length must be >= 1; got "
                           f"{query_length} and {passage_length}")
+    # Before reading anything: never over the source or the vocabulary, even with overwrite.
+    run_dir.check_output(output_dir, [("--from", source_path), ("--vocabulary", vocabulary)],
+                         flag="--output")
     output_folder.check_target(output_dir, overwrite)
     source = open_source(source_path, size=size)
     vocabulary = os.fspath(vocabulary) if vocabulary is not None else source.vocabulary

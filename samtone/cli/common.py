@@ -8,7 +8,9 @@
 a TPU backend), and turns a `samtone.errors.UserError`, a bad flag or Gin's own configuration
 errors into `error: <message>` on stderr with exit status 2. `--traceback` (or
 SAMTONE_TRACEBACK=1) shows the stack instead. Any other exception is a programming error and
-keeps its traceback.
+keeps its traceback. Ctrl-C ends a command with one line and exit status 130 (commands write
+their outputs atomically, so nothing half written is left); `--help` prints the command's
+docstring and its own flags, exit 0.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from samtone.errors import UserError
 from samtone.paths import absolute_path, absolute_paths  # noqa: F401  (the commands' helpers)
 
 USER_ERROR_EXIT = 2
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, as shells report Ctrl-C
 TRACEBACK_VARIABLE = "SAMTONE_TRACEBACK"
 FLAGS = flags.FLAGS
 
@@ -66,26 +69,60 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
     try:
         return FLAGS(argv)
     except flags.Error as error:
-        fail(f"{error}\n(pass --helpfull to list the flags)")
+        fail(f"{error}\n(pass --help to list the flags)")
         raise  # unreachable: fail exits
 
 
+def command_name(module: str) -> str:
+    """'samtone.cli.train' -> 'samtone-train'."""
+    return "samtone-" + module.rsplit(".", 1)[-1]
+
+
+def help_text(module: str) -> str:
+    """The command's docstring, then its own flags and the shared ones, with their help."""
+    docstring = (sys.modules[module].__doc__ or "").strip()
+    own = FLAGS.get_flags_for_module(module)
+    shared = [FLAGS[name] for name in ("traceback",) if name in FLAGS]
+    lines = [docstring, "", "flags:"]
+    for flag in sorted(own, key=lambda f: f.name) + shared:
+        default = "" if flag.default is None else f" (default: {flag.default_as_str})"
+        lines.append(f"  --{flag.name}: {flag.help}{default}")
+    lines.append("\n(--helpfull also lists the flags of the libraries)")
+    return "\n".join(lines)
+
+
+def _help_requested(argv: Sequence[str]) -> bool:
+    return any(arg in ("--help", "-h", "-?", "--helpshort") for arg in argv[1:])
+
+
 def run(main: Callable[[Sequence[str]], None], argv: Sequence[str] | None = None) -> None:
-    """Runs `main` as a command: absl flags, quiet logs, user errors as messages (exit 2)."""
+    """Runs `main` as a command: absl flags, quiet logs, user errors as messages (exit 2),
+    Ctrl-C as one line (exit 130), `--help` listing the command's own flags (exit 0)."""
     if "traceback" not in FLAGS:
         flags.DEFINE_bool("traceback", False, "Show the full stack of a user error (also "
                           f"{TRACEBACK_VARIABLE}=1).")
+    argv = list(sys.argv if argv is None else argv)
+    name = command_name(main.__module__)
+    if _help_requested(argv):
+        print(help_text(main.__module__), flush=True)
+        sys.exit(0)
 
     def guarded(arguments: Sequence[str]) -> None:
         quiet_library_logs()
         if len(arguments) > 1:
             fail(f"unexpected arguments {list(arguments[1:])}; every input is a --flag "
-                 "(--helpfull lists them)")
+                 "(--help lists them)")
         try:
             main(arguments)
         except UserError as error:
             if _wants_traceback():
                 raise
             fail(str(error))
+        except KeyboardInterrupt:
+            if _wants_traceback():
+                raise
+            print(f"{name}: interrupted (Ctrl-C); nothing was left half written",
+                  file=sys.stderr, flush=True)
+            sys.exit(INTERRUPTED_EXIT)
 
-    app.run(guarded, argv=list(sys.argv if argv is None else argv), flags_parser=_parse_flags)
+    app.run(guarded, argv=argv, flags_parser=_parse_flags)

@@ -41,7 +41,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("model_parallel", 1, "Devices per model copy for the *_model rules.",
                          lower_bound=1)
     flags.DEFINE_bool("overwrite", False, "Replace the output folder if it exists and is not "
-                      "empty.")
+                      "empty (never --from or a folder holding it).")
 
 
 def main(argv: Sequence[str]) -> None:

@@ -36,7 +36,7 @@ def define_flags() -> None:
                       "SentenceTransformer() loads; saved_model: a TF SavedModel (strings in).")
     flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the newest).")
     flags.DEFINE_bool("overwrite", False, "Replace the output folder if it exists and is not "
-                      "empty.")
+                      "empty (never the run folder, its parent or its training state).")
     flags.DEFINE_list("platforms", list(export.DEFAULT_PLATFORMS), "Platforms the jax and "
                       "saved_model formats lower the towers for (cpu, cuda, rocm, tpu).")
 

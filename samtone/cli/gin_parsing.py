@@ -5,18 +5,24 @@ then the folder holding samtone's gin/ and configs/ (the repository root for a s
 or an editable install, `<prefix>/share/samtone` otherwise). Bindings given on the command
 line are checked before they apply: a macro that no file defines (`--gin.TRAIN_DAT=...`) is an
 error naming the nearest known macros, never a silently unused setting. Gin's own errors
-(unknown configurable or parameter, syntax, a missing `%gin.REQUIRED`) become ConfigErrors.
+(unknown configurable or parameter, syntax, a missing `%gin.REQUIRED`) become ConfigErrors:
+a syntax error names the file and line (`file.gin:2: unclosed '('`), an error in a command-line
+binding names the flag (`--gin.MODEL_DIR=/tmp/x: ...`), and a bare word where Gin expects a
+value says how to quote a string (`--gin.MODEL_DIR="'/tmp/x'"`).
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
+import io
 import os
 import pathlib
 import re
 import site
 import sys
 import sysconfig
-from typing import Any, Sequence
+import tokenize
+from typing import Any, Iterator, Sequence
 
 import gin
 
@@ -90,13 +96,148 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str] = (),
     for path in search_paths(extra_search_paths):
         gin.add_config_file_search_path(path)
     try:
-        gin.parse_config_files_and_bindings(gin_files, [], finalize_config=False)
+        _parse_files(gin_files)
         check_bindings_name_macros(bindings, defined_macros())
-        gin.parse_config_files_and_bindings([], bindings, finalize_config=finalize)
+        for binding in bindings:  # one at a time, so that an error names its flag
+            _parse_binding(binding)
+        if finalize:
+            gin.finalize()
     except ConfigError:
         raise
     except (ValueError, TypeError, IOError, SyntaxError) as error:
-        raise ConfigError(f"Gin configuration: {error}") from error
+        # A missing macro's message goes on to print the whole config: not what is wrong.
+        message = str(error).split(" in config string:")[0]
+        raise ConfigError(f"Gin configuration: {message}") from error
+
+
+def _parse_files(gin_files: Sequence[str]) -> None:
+    """Parses the files (and their includes); a syntax error names the file and line."""
+    with _recording_opened_files() as opened:
+        try:
+            for path in gin_files:
+                gin.parse_config_file(path)
+        except SyntaxError as error:
+            raise ConfigError(_file_syntax_error(error)) from error
+        except tokenize.TokenError as error:
+            # Gin's tokenizer reached the end of a file inside a bracket or a string; it says
+            # neither which file (includes!) nor where that bracket opened, so find it here.
+            raise ConfigError(_file_token_error(opened, error)) from error
+
+
+@contextlib.contextmanager
+def _recording_opened_files() -> Iterator[list[str]]:
+    """Lists each config file Gin opens, includes too, in the order opened."""
+    readers = gin.config._FILE_READERS  # pylint: disable=protected-access
+    original = list(readers)
+    opened: list[str] = []
+
+    def recording(open_file):
+        def open_and_record(path, *args, **kwargs):
+            opened.append(path)
+            return open_file(path, *args, **kwargs)
+        return open_and_record
+
+    readers[:] = [(recording(open_file), exists) for open_file, exists in original]
+    try:
+        yield opened
+    finally:
+        readers[:] = original
+
+
+def _unclosed(text: str) -> tuple[str, int] | None:
+    """(what, line) of the outermost bracket or string `text` never closes; None if none."""
+    brackets: list[tuple[str, int]] = []
+    try:
+        for token in tokenize.generate_tokens(io.StringIO(text).readline):
+            if token.type == tokenize.OP and token.string in "([{":
+                brackets.append((f"'{token.string}'", token.start[0]))
+            elif token.type == tokenize.OP and token.string in ")]}" and brackets:
+                brackets.pop()
+    except tokenize.TokenError as error:
+        if brackets:
+            return brackets[0]
+        return "string", error.args[1][0]  # 'EOF in multi-line string' gives where it began
+    return None
+
+
+def _read_text(path: str | None) -> str | None:
+    try:
+        return pathlib.Path(path).read_text(encoding="utf-8") if path else None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _file_token_error(opened: Sequence[str], error: tokenize.TokenError) -> str:
+    for path in reversed(opened):  # only the file being read when it failed leaves one open
+        text = _read_text(path)
+        found = _unclosed(text) if text is not None else None
+        if found:
+            what, line = found
+            return f"{path}:{line}: unclosed {what}: nothing closes it before the end of the file"
+    where = opened[-1] if opened else "a Gin file"
+    return f"{where}: Gin syntax error: {error.args[0]}"
+
+
+def _bare_word(binding: str) -> tuple[str, str] | None:
+    """(name, value) of `NAME = value` when value is a bare word (no number, quotes, brackets,
+    @, % or commas): when Gin cannot read one, it is a string missing its quotes."""
+    match = _BINDING.match(binding.strip())
+    if not match:
+        return None
+    value = match.group(2).strip()
+    if not value or value[0] in "0123456789+-" or set("'\"()[]{}@%,") & set(value):
+        return None
+    return match.group(1), value
+
+
+def _syntax_problem(error: SyntaxError) -> str:
+    # Gin's messages may go on with a second line of parser internals ('<ast.Name ...>').
+    return f"Gin syntax error: {error.msg.splitlines()[0].rstrip('. ')}"
+
+
+def _file_syntax_error(error: SyntaxError) -> str:
+    where = f"{error.filename}:{error.lineno}"
+    text = _read_text(error.filename)
+    found = _unclosed(text) if text is not None else None
+    if found and found[1] <= (error.lineno or 0):  # the real mistake, before where Gin stopped
+        return (f"{where}: {_syntax_problem(error)} (the {found[0]} opened on line {found[1]} is "
+                "never closed)")
+    bare = _bare_word(error.text or "")
+    if bare:
+        name, value = bare
+        return (f"{where}: Gin cannot read the value {value} of {name}; a string needs quotes: "
+                f"{name} = '{value}'")
+    return f"{where}: {_syntax_problem(error)}"
+
+
+def _binding_flag(binding: str) -> str:
+    """How a binding reads on the command line: `--gin.NAME=VALUE`."""
+    match = _BINDING.match(binding.strip())
+    if not match:
+        return f"--gin_bindings={binding!r}"
+    return f"--gin.{match.group(1)}={match.group(2).strip()}"
+
+
+def _parse_binding(binding: str) -> None:
+    """Parses one `NAME = VALUE` binding; an error names its `--gin.NAME=VALUE` flag."""
+    flag = _binding_flag(binding)
+    try:
+        gin.parse_config(binding)
+    except tokenize.TokenError as error:
+        found = _unclosed(binding)
+        what = f"unclosed {found[0]}" if found else error.args[0]
+        raise ConfigError(f"{flag}: {what} in the value; close it, or quote a string") from error
+    except SyntaxError as error:
+        bare = _bare_word(binding)
+        if bare:
+            name, value = bare
+            raise ConfigError(f"{flag}: Gin cannot read the value {value}; a string needs inner "
+                              f"quotes: --gin.{name}=\"'{value}'\"") from error
+        raise ConfigError(f"{flag}: {_syntax_problem(error)}") from error
+    except (ValueError, TypeError) as error:
+        # Gin's message goes on to quote the binding ("In bindings string line 1"): the flag
+        # says that better.
+        raise ConfigError(f"{flag}: {str(error).splitlines()[0]}") from error
 
 
 def rewrite_gin_args(argv: Sequence[str]) -> list[str]:

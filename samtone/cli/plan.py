@@ -8,6 +8,11 @@ nothing allocated) and prints, per device, the bytes of the parameters, the opti
 the batch and the compiled step's temporaries, their total against the device memory, and
 the FLOPs of one step (samtone.plan). Required macros the plan does not need (MODEL_DIR,
 TRAIN_DATA, VOCABULARY, INIT_CHECKPOINT) may be left out.
+
+Exit status: 0 when the plan was made (and fits --device_memory_gib, if given); 1 when it does
+not fit --device_memory_gib, after printing the table or the JSON object (its "fits" is false),
+so a script can test the status; 2 for a user error (a bad config, flag, or a batch the
+devices cannot split).
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from samtone.cli import gin_parsing
 
 FLAGS = flags.FLAGS
 DEFAULT_DEVICES = 8
+DOES_NOT_FIT_EXIT = 1  # the plan was made, and it does not fit --device_memory_gib
 # Macros a run requires that shape nothing the plan measures.
 _PLACEHOLDERS = {"MODEL_DIR": "'/tmp/samtone-plan'", "TRAIN_DATA": "'unused.jsonl'",
                  "VOCABULARY": "'unused.model'", "INIT_CHECKPOINT": "None"}
@@ -36,7 +42,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("devices", DEFAULT_DEVICES, "Devices to plan for (fake CPU devices).",
                          lower_bound=1)
     flags.DEFINE_float("device_memory_gib", None, "Memory of one device in GiB (16: v5e, 32: "
-                       "v4, 80: H100); the plan says whether the step fits.", lower_bound=0)
+                       "v4, 80: H100); the plan says whether the step fits, and exits with "
+                       "status 1 (after printing the plan) when it does not.", lower_bound=0)
     flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
 
 
@@ -63,8 +70,6 @@ def main(argv: Sequence[str]) -> None:
     del argv
     # pylint: disable=import-outside-toplevel  (jax after _fake_devices set the device count)
     import gin
-    import jax
-    import numpy as np
 
     from samtone import partitioning
     from samtone import plan
@@ -93,7 +98,18 @@ def main(argv: Sequence[str]) -> None:
                                   microbatches=microbatches, device_memory_bytes=memory)
     if FLAGS.json:
         print(json.dumps(result.to_json()), flush=True)
-        return
+    else:
+        _print_table(result, model, batch, microbatches)
+    if result.fits is False:
+        sys.exit(DOES_NOT_FIT_EXIT)
+
+
+def _print_table(result, model, batch: dict, microbatches: int) -> None:
+    """The plan as the table of the module docstring."""
+    # pylint: disable=import-outside-toplevel  (jax after _fake_devices set the device count)
+    import jax
+    import numpy as np
+
     config = model.config
     print(f"samtone-plan: {' '.join(FLAGS.gin_file)} on {result.devices} devices, mesh "
           f"{result.mesh} ({jax.devices()[0].platform} stand-ins)\n"
@@ -107,7 +123,7 @@ def main(argv: Sequence[str]) -> None:
           f"  batch          {_gib(result.batch_bytes)}\n"
           f"  temporaries    {_gib(result.temp_bytes)}\n"
           f"  total          {_gib(result.total_bytes)}"
-          + ("" if memory is None else
+          + ("" if result.fits is None else
              f" of {FLAGS.device_memory_gib:g} GiB: {'fits' if result.fits else 'DOES NOT FIT'}")
           + f"\nper step: {result.flops:.3e} model FLOPs ({result.executed_flops:.3e} executed, "
           "with recomputation)", flush=True)

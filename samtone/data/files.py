@@ -1,8 +1,9 @@
 """Readers for training pairs on disk: JSONL, TSV, BEIR folders and plain sentence files.
 
-Every reader returns a list of `Example`. Bad input raises `DataError` naming the file, the
-1-based line and the field. With `on_bad_line="skip"` the line is skipped instead: the count
-per file is logged as a warning and recorded in a `ReadStats` when one is passed as `stats=`.
+Every reader returns a list of `Example`, each with the file and line it came from (`source`,
+except for BEIR pairs). Bad input raises `DataError` naming the file, the 1-based line and the
+field. With `on_bad_line="skip"` the line is skipped instead: the count per file is logged as a
+warning and recorded in a `ReadStats` when one is passed as `stats=`.
 Blank lines are not records and are ignored; any other line is either read or counted as
 skipped, never dropped silently.
 
@@ -50,6 +51,9 @@ class Example:
     label: float | None = None
     query_id: str | None = None
     passage_id: str | None = None
+    # (file, line) it was read from, so that later checks (too few negatives) can name them;
+    # None for examples made in code and BEIR pairs.
+    source: tuple[str, int] | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 @dataclasses.dataclass
@@ -258,6 +262,7 @@ def _parse_jsonl(path: str, line: int, text: str) -> Example:
         label=_number(record.get("label"), path, line, "label"),
         query_id=_identifier(record.get("query_id"), path, line, "query_id"),
         passage_id=_identifier(record.get("passage_id"), path, line, "passage_id"),
+        source=(path, line),
     )
 
 
@@ -299,6 +304,7 @@ def _tsv_row(path: str, line: int, cells: list[str], header: list[str] | None) -
         label=_number(fields.get("label"), path, line, "label"),
         query_id=_identifier(fields.get("query_id"), path, line, "query_id"),
         passage_id=_identifier(fields.get("passage_id"), path, line, "passage_id"),
+        source=(path, line),
     )
 
 
@@ -462,5 +468,6 @@ def read_sentences(paths: PathOrPaths, *, on_bad_line: str = "error",
     reader = _Reader(on_bad_line, stats)
     examples: list[Example] = []
     for path in expand_paths(paths):
-        examples.extend(reader.records(path, lambda path, line, text: Example(text, text)))
+        examples.extend(reader.records(
+            path, lambda path, line, text: Example(text, text, source=(path, line))))
     return examples

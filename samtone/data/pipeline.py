@@ -52,7 +52,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from samtone.data import packing
-from samtone.data.files import Example, PathOrPaths, read_examples, read_sentences
+from samtone.data.files import (Example, PathOrPaths, expand_paths, read_examples,
+                                read_sentences)
+from samtone.errors import ConfigError, DataError
 
 Batch = dict[str, np.ndarray]
 _STATE_MUST_MATCH = ("seed", "shuffle", "global_batch_size", "num_examples", "data_fingerprint")
@@ -151,18 +153,32 @@ def _index_texts(texts: Iterable[str]) -> tuple[list[str], np.ndarray]:
     return list(rows), index
 
 
+def _check_negatives(examples: Sequence[Example], num_negatives: int) -> None:
+    """Every example must have `num_negatives` hard negatives; the first that has not is named
+    by its file and line (or its index, for examples made in code)."""
+    for i, example in enumerate(examples):
+        found = len(example.negatives)
+        if found >= num_negatives:
+            continue
+        if example.source is None:
+            raise ConfigError(
+                f"example {i} (query {example.query[:60]!r}) has {found} negatives but "
+                f"num_negatives={num_negatives}; every example needs at least that many (drop "
+                "such examples or lower num_negatives)")
+        setting = f"make_batch_iterator.num_negatives = {num_negatives}"
+        problem = (f"has only {found}, but {setting} needs {num_negatives} per example (drop "
+                   "such examples or lower num_negatives)" if found else
+                   f"is missing: {setting} needs {num_negatives} hard negatives per example "
+                   "(add them, e.g. with samtone-mine, or lower num_negatives)")
+        raise DataError(*example.source, "negatives", problem)
+
+
 def tokenize_examples(examples: Sequence[Example], tokenizer, *, query_length: int,
                       passage_length: int, num_negatives: int = 0) -> TokenizedExamples:
     """Tokenises each distinct query and passage/negative text once with `tokenizer.encode`."""
     if not examples:
         raise ValueError("no examples to batch")
-    for i, example in enumerate(examples):
-        if len(example.negatives) < num_negatives:
-            raise ValueError(
-                f"example {i} (query {example.query[:60]!r}) has {len(example.negatives)} "
-                f"negatives but num_negatives={num_negatives}; every example needs at least "
-                "that many (drop such examples or lower num_negatives)"
-            )
+    _check_negatives(examples, num_negatives)
     has_label = [example.label is not None for example in examples]
     if any(has_label) and not all(has_label):
         other = has_label.index(not has_label[0])
@@ -443,6 +459,25 @@ class BatchIterator:
             self.close()
 
 
+def _describe_data(data: PathOrPaths | list[Example]) -> str:
+    """The files `data` names, for messages: 'a.jsonl', or 'a.jsonl, b.jsonl and 3 more'."""
+    if isinstance(data, list) and all(isinstance(e, Example) for e in data):
+        return "the examples given"
+    paths = expand_paths(data)
+    shown = ", ".join(paths[:2])
+    return shown if len(paths) <= 2 else f"{shown} and {len(paths) - 2} more files"
+
+
+def _check_batch_fits(num_examples: int, global_batch_size: int,
+                      data: PathOrPaths | list[Example]) -> None:
+    """One global batch must fit in the data: every batch is full, so none would be left."""
+    if isinstance(global_batch_size, (int, np.integer)) and global_batch_size > num_examples:
+        raise ConfigError(
+            f"BATCH_SIZE (train.global_batch_size) = {global_batch_size} is larger than the "
+            f"{num_examples} examples of {_describe_data(data)}; use a smaller batch (at most "
+            f"{num_examples})")
+
+
 def make_batch_iterator(data: PathOrPaths | Sequence[Example], *, tokenizer,
                         global_batch_size: int, query_length: int = 64,
                         passage_length: int = 256, num_negatives: int = 0, seed: int = 0,
@@ -458,9 +493,11 @@ def make_batch_iterator(data: PathOrPaths | Sequence[Example], *, tokenizer,
       data: paths/globs for `read_examples` (or `read_sentences` with simcse=True), or a
         sequence of `Example`s already read.
       tokenizer: a `samtone.data.tokenizer.Tokenizer`, or the path of its SentencePiece model.
-      global_batch_size: examples per step summed over all processes.
+      global_batch_size: examples per step summed over all processes; more than the data
+        holds is a ConfigError.
       num_negatives: K hard negatives per example (the first K of each example's negatives;
-        an example with fewer is an error) -> `negative_tokens` [b, K, passage_length].
+        an example with fewer is a DataError naming its file and line) -> `negative_tokens`
+        [b, K, passage_length].
       seed, shuffle: the order of epoch e is `default_rng([seed, e]).permutation`, or file
         order without shuffle.
       num_epochs: None repeats forever; otherwise StopIteration after that many epochs.
@@ -493,6 +530,7 @@ def make_batch_iterator(data: PathOrPaths | Sequence[Example], *, tokenizer,
         examples = read_sentences(data, on_bad_line=on_bad_line)
     else:
         examples = read_examples(data, on_bad_line=on_bad_line, split=split)
+    _check_batch_fits(len(examples), global_batch_size, data)
     tokenized = tokenize_examples(examples, tokenizer, query_length=query_length,
                                   passage_length=passage_length, num_negatives=num_negatives)
     return BatchIterator(tokenized, global_batch_size=global_batch_size, seed=seed,

@@ -19,7 +19,7 @@ checkpoint are read (never the optimiser state), laid out over the available dev
 run's own rules, and always exported in the unscanned layout. A folder is written to a
 temporary sibling and renamed into place (samtone.output_folder), so an interrupted export
 leaves nothing that looks complete; an existing non-empty folder is replaced only with
-`overwrite`. Local paths only for the output; model_dir may be any path etils reads.
+`overwrite`, and never when it is or holds the run exported (samtone.run_dir.check_output). Local paths only for the output; model_dir may be any path etils reads.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from absl import logging
 from etils import epath
 
 from samtone import output_folder
+from samtone import run_dir
 from samtone import run_manifest
 from samtone.data.tokenizer import Tokenizer
 from samtone.errors import ConfigError
@@ -51,11 +52,16 @@ def export_model(model_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
     """Exports checkpoint `step` (default: the newest) of the run in `model_dir` (a
     samtone-train MODEL_DIR or a samtone-convert output) as `format`.
 
+    The output may not be, hold or lie in the training state of `model_dir`, even with
+    `overwrite` (which would delete the run).
+
     Returns:
       The manifest written (samtone_export.json).
     """
     _check_format(format)
-    output_folder.check_target(output_dir, overwrite)  # before reading anything
+    # Before reading anything; first, so that an output the run is in is named as such.
+    run_dir.check_output(output_dir, [("--model_dir", model_dir)], flag="--output")
+    output_folder.check_target(output_dir, overwrite)
     stablehlo.check_platforms(platforms)
     run = run_manifest.read(model_dir)
     _require_vocabulary(run.vocabulary)

@@ -20,7 +20,10 @@ samtone.inference.Encoder.load reads it without TensorFlow; TF Serving ignores t
 """
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+import signal
+import threading
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -59,16 +62,46 @@ def write_files(folder: str, *, model: dual_encoder.DualEncoder, params: dict,
     stablehlo.write_params(folder, params_lib.flatten_params(params))
     with open(vocabulary_file, "rb") as f:
         vocabulary = f.read()
-    module = _serving_module(model, params, vocabulary,
-                             {"encode_queries": query_length, "encode_passages": passage_length},
-                             tuple(platforms))
-    tf.saved_model.save(module, folder, signatures={
-        name: getattr(module, name) for name in SIGNATURES})
+    with interrupts_kept():
+        module = _serving_module(model, params, vocabulary,
+                                 {"encode_queries": query_length,
+                                  "encode_passages": passage_length}, tuple(platforms))
+        tf.saved_model.save(module, folder, signatures={
+            name: getattr(module, name) for name in SIGNATURES})
     output = f"float32 [b, {model.projection_dim}]"
     return {"platforms": list(platforms),
             "signatures": {name: {"inputs": {INPUT_NAME: "string [b]"},
                                   "outputs": {OUTPUT_NAME: output}} for name in SIGNATURES},
             "tensorflow_version": tf.__version__}
+
+
+@contextlib.contextmanager
+def interrupts_kept() -> Iterator[None]:
+    """Raises KeyboardInterrupt at the end of the block if Ctrl-C came during it.
+
+    TensorFlow and jax2tf swallow a KeyboardInterrupt raised in some of their code: jax2tf's
+    `_is_tfval` (a bare `except:` around `tf.constant`, run for every argument it converts)
+    and the `__del__` of TF's function graphs (where Python itself drops any exception), so
+    Ctrl-C during the export could leave it running to the end with exit status 0. Here
+    SIGINT raises as usual and is also recorded, and raised again once TF returns.
+    """
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield  # signals reach the main thread only; a caller's own handler stays in charge
+        return
+    interrupted = []
+
+    def record_and_raise(signum, frame):
+        interrupted.append(signum)
+        signal.default_int_handler(signum, frame)
+
+    signal.signal(signal.SIGINT, record_and_raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if interrupted:
+        raise KeyboardInterrupt
 
 
 def _serving_module(model: dual_encoder.DualEncoder, params: dict, vocabulary: bytes,
