@@ -6,7 +6,7 @@ that large with its own mmap and unmaps it on free, so every step touches 1.8 GB
 about 465,000 page faults a step, each page zeroed by the kernel (counted by
 `benchmarks/train_step.py --no-keep_freed_memory`). With one arena, no mmap and no trimming,
 the freed block goes back to the heap and the next step gets the same, already mapped, pages
-(README, "Benchmarks").
+(docs/benchmarks.md).
 
 glibc only (Linux); elsewhere nothing changes. Call it before JAX starts its backend: threads
 that already have an arena keep it.

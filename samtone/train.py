@@ -38,10 +38,11 @@ from samtone import run_manifest
 from samtone import train_step as train_step_lib
 from samtone.checkpoints import manager as checkpoint_lib
 from samtone.checkpoints import pretrained
+from samtone.data import files
 from samtone.data import packing
 from samtone.data import pipeline
 from samtone.data.tokenizer import Tokenizer
-from samtone.errors import ChangedConfigError, CheckpointError, ConfigError
+from samtone.errors import ChangedConfigError, CheckpointError, ConfigError, MissingFileError
 from samtone.preemption import PreemptionNotice
 from samtone.summaries import NonFiniteLossError, Progress, Summaries  # noqa: F401
 from samtone.train_eval import TrainingEvaluator
@@ -136,7 +137,7 @@ def train(
     started = time.monotonic()
     run = run_dir.RunDir.at(model_dir)
     run.check_writable()
-    train_data, eval_data = paths.absolute_paths(train_data), paths.absolute_paths(eval_data)
+    eval_data = paths.absolute_paths(eval_data)  # train_data may be a seqio task's name
     vocabulary = paths.absolute_path(vocabulary)
     init_checkpoint = paths.absolute_path(init_checkpoint)
     lock = run_dir.RunLock(run)
@@ -145,6 +146,7 @@ def train(
     try:
         # Everything is checked before anything is written: a start that fails leaves an
         # existing run byte-identical and creates no new MODEL_DIR.
+        _check_inputs_exist(eval_data=eval_data)  # read at the end: checked at the start
         mesh = mesh if mesh is not None else partitioning.make_mesh()
         rules = (partitioning.logical_axis_rules(logical_axis_rules)
                  if isinstance(logical_axis_rules, str) else logical_axis_rules)
@@ -163,10 +165,14 @@ def train(
         grad_cache.check_microbatches(microbatches, global_batch_size,
                                       partitioning.batch_shards(mesh, rules))
         rows = partitioning.process_batch_rows(mesh, rules, global_batch_size)
-        iterator = batch_iterator_factory(
-            train_data, tokenizer=tokenizer, global_batch_size=global_batch_size,
-            query_length=query_length, passage_length=passage_length, seed=seed,
-            local_rows=rows)
+        try:
+            iterator = batch_iterator_factory(
+                train_data, tokenizer=tokenizer, global_batch_size=global_batch_size,
+                query_length=query_length, passage_length=passage_length, seed=seed,
+                local_rows=rows)
+        except MissingFileError as error:
+            error.parameter = "train.train_data"  # the CLI names the Gin binding
+            raise
         example_batch = _example_global_batch(iterator, global_batch_size)
         train_step_lib.check_packed_microbatches(example_batch, microbatches)  # before compiling
         # Shardings depend on each array's rank only, so they serve every bucket's shapes.
@@ -181,6 +187,8 @@ def train(
                                      batch_shardings)
             return _global_batch(host_batch, rows, global_batch_size, batch_shardings)
 
+        if compilation_cache_dir:  # after the checks: state set-up compiles and is cached too
+            _use_compilation_cache(run.root, compilation_cache_dir)
         if saved_steps:
             manager = checkpoint_lib.make_checkpoint_manager(run.checkpoints,
                                                              keep=keep_checkpoints)
@@ -199,8 +207,6 @@ def train(
         step = int(jax.device_get(state.step))
         if jax.process_index() == 0:
             _record_run(run, manifest, config_text, step)
-        if compilation_cache_dir:
-            _use_compilation_cache(run.root, compilation_cache_dir)
         return _train_loop(
             run, manager, state, state_shardings, iterator, to_devices, model, optimizer,
             loss_fn, batch_shardings, mesh, rules, tokenizer, started, step,
@@ -315,6 +321,18 @@ def _raise_if_out_of_space(error: BaseException, manager, step: int) -> None:
     raise CheckpointError(f"no space left on the device holding {manager.directory} while "
                           f"saving the checkpoint of step {step}; {previous}. Free space and "
                           "run the same command again to resume") from error
+
+
+def _check_inputs_exist(**inputs) -> None:
+    """Each data path (file, glob, folder) names something; the error says which parameter."""
+    for name, value in inputs.items():
+        if value is None:
+            continue
+        try:
+            files.expand_paths(value)
+        except MissingFileError as error:
+            error.parameter = f"train.{name}"  # the CLI names the Gin binding
+            raise
 
 
 def _check_resumable(run: run_dir.RunDir, manifest: run_manifest.RunManifest, newest: int,

@@ -4,7 +4,7 @@ CPU: XLA's YNNPACK fusions (jaxlib 0.10) run reductions over leading axes slowly
 and layer sum of the shared relative position bias's gradient, a [layers, batch, heads, L, L]
 -> [heads, L, L] reduction, took 397 ms on 2 cores where XLA's own loop took 27 ms
 (micro-benchmark). Keeping YNNPACK for dots, where it is fast, and leaving the rest to XLA
-made the T5.1.1 train step faster (README, "Benchmarks"). The flag only concerns the CPU
+made the T5.1.1 train step faster (docs/benchmarks.md). The flag only concerns the CPU
 backend; GPU and TPU ignore it.
 """
 from __future__ import annotations

@@ -44,7 +44,9 @@ def _train(model_dir, *, steps=6, **overrides):
         loss=functools.partial(losses.samtone_loss, temperature=0.05),
         train_data=smoke_path("train.jsonl"), vocabulary=smoke_path("spm.model"),
         global_batch_size=16, num_train_steps=steps, query_length=16, passage_length=32,
-        log_every=2, checkpoint_every=2, keep_checkpoints=None)
+        log_every=2, checkpoint_every=2, keep_checkpoints=None,
+        # One device compiles fastest; sharded steps and restores have their own tests.
+        mesh=partitioning.make_mesh(devices=jax.devices()[:1]))
     kwargs.update(overrides)
     return train_lib.train(**kwargs)
 
@@ -100,10 +102,10 @@ def test_packed_run_resumes_exactly_and_a_rerun_compiles_nothing(tmp_path):
     compiled steps in the persistent compilation cache under model_dir."""
     factory = functools.partial(pipeline.make_batch_iterator, pack=True)
     cache = "compilation_cache"
-    reference = _train(tmp_path / "reference", batch_iterator_factory=factory)
+    reference = _train(tmp_path / "reference", batch_iterator_factory=factory, mesh=None)
     with pytest.raises(_Interrupted):
         _train(tmp_path / "resumed", batch_iterator_factory=_interrupting_factory(4, pack=True),
-               compilation_cache_dir=cache)
+               compilation_cache_dir=cache, mesh=None)
     assert list((tmp_path / "resumed" / cache).iterdir())
     events = []
 
@@ -113,7 +115,7 @@ def test_packed_run_resumes_exactly_and_a_rerun_compiles_nothing(tmp_path):
     jax.monitoring.register_event_listener(listen)
     try:
         resumed = _train(tmp_path / "resumed", batch_iterator_factory=factory,
-                         compilation_cache_dir=cache)
+                         compilation_cache_dir=cache, mesh=None)
     finally:
         jax.monitoring.unregister_event_listener(listen)
     assert resumed.step == 6

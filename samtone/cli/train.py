@@ -26,7 +26,7 @@ from samtone import xla_flags
 from samtone.cli import common
 from samtone.cli import gin_parsing
 from samtone.cli import gin_registry
-from samtone.errors import ConfigError
+from samtone.errors import ConfigError, UserError
 from samtone.preemption import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
 
 DEFAULT_GIN_FILE = "configs/smoke.gin"
@@ -162,7 +162,13 @@ def main(argv: Sequence[str]) -> None:
     if jax.process_index() != 0:
         logging.set_verbosity(logging.WARNING)  # progress is logged once, by process 0
     model_dir = gin_parsing.setting("train.model_dir")
-    result = gin.get_configurable("train")(config_text=gin.config_str())
+    try:
+        result = gin.get_configurable("train")(config_text=gin.config_str())
+    except UserError as error:
+        parameter = getattr(error, "parameter", None)
+        if parameter is None:
+            raise
+        raise UserError(f"{gin_parsing.binding_source(parameter)}: {error}") from error
     if result.interrupted:
         if jax.process_index() == 0:
             print(f"samtone-train: interrupted at step {result.step}; checkpoint "
