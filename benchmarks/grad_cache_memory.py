@@ -29,7 +29,7 @@ def measure(size: str, batch: int, microbatches: int) -> dict:
     mesh = partitioning.make_mesh((1, 1), devices=jax.devices()[:1])
     rules = partitioning.logical_axis_rules("data")
     optimizer = optimizers.make_optimizer(total_steps=100)
-    loss_fn = train_step.make_loss_fn(losses.samtone_loss, ("query_ids", "passage_ids"))
+    loss_fn = train_step.make_loss_fn(losses.samtone_loss)
     rng = np.random.default_rng(0)
     batch_arrays = {"query_tokens": rng.integers(2, 1000, (batch, 32)).astype(np.int32),
                     "passage_tokens": rng.integers(2, 1000, (batch, 128)).astype(np.int32),

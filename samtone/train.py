@@ -46,6 +46,7 @@ from samtone.errors import ChangedConfigError, CheckpointError, ConfigError, Mis
 from samtone.preemption import PreemptionNotice
 from samtone.summaries import NonFiniteLossError, Progress, Summaries  # noqa: F401
 from samtone.train_eval import TrainingEvaluator
+from samtone.vocabulary import check_fits_embedding
 
 
 @dataclasses.dataclass
@@ -67,7 +68,7 @@ def train(
     model_dir: str,
     model: nn.Module,
     loss: Callable[..., Any],
-    loss_inputs: Sequence[str] = (),
+    loss_inputs: Sequence[str] | None = None,
     train_data: str | Sequence[str],
     vocabulary: str,
     global_batch_size: int,
@@ -99,8 +100,9 @@ def train(
         `<model_dir>/train` and `<model_dir>/eval`.
       model: a samtone DualEncoder.
       loss: one of samtone.losses' functions, hyperparameters bound (by Gin or partial).
-      loss_inputs: the batch fields the loss receives besides the two embeddings, declared
-        next to the loss in gin/losses/ (see samtone.train_step.LOSS_INPUTS).
+      loss_inputs: the batch fields the loss receives besides the two embeddings; default
+        (None) the ones its signature names (samtone.train_step.taken_inputs); a list that
+        leaves one of those out is refused.
       train_data: file(s) or glob(s) the batch iterator reads (TSV, JSONL, BEIR folder).
       vocabulary: the SentencePiece model file.
       global_batch_size: examples per step over all processes.
@@ -376,12 +378,7 @@ def _record_run(run: run_dir.RunDir, manifest: run_manifest.RunManifest,
 
 
 def _check_vocabulary(model: nn.Module, tokenizer: Tokenizer) -> None:
-    model_vocab = model.config.vocab_size
-    if tokenizer.vocab_size > model_vocab:
-        raise ConfigError(
-            f"the vocabulary {tokenizer.path!r} has {tokenizer.vocab_size} pieces but the model's "
-            f"embedding has {model_vocab} rows (gin: t5_1_1_config.vocab_size); token ids would "
-            "run past the embedding")
+    check_fits_embedding(tokenizer, model.config.vocab_size, hint=" (gin: t5_1_1_config.vocab_size)")
 
 
 def _use_compilation_cache(model_dir, path: str) -> None:

@@ -13,6 +13,7 @@ batch is one global array, so the loss sees every query and passage of the globa
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, Callable, Sequence
 
 import flax
@@ -188,9 +189,9 @@ def _align_layout(given, abstract, where: str):
 # The loss adapter.
 
 # The batch fields a loss may receive besides the two [B, D] embeddings, and where they come
-# from. A run declares which ones its loss takes next to the loss (gin/losses/*.gin:
-# `train.loss_inputs`): explicit, so a reader of the config sees every input of the loss, and
-# a loss never silently misses an input it was meant to get.
+# from. A loss receives each of them its signature names (`taken_inputs`), so a loss never
+# silently misses an input it was written to use; `train.loss_inputs`, if given, must list
+# exactly those.
 LOSS_INPUTS: dict[str, Callable[[dict, dict], Any]] = {
     "negatives": lambda outputs, batch: outputs.get("negatives"),
     "query_ids": lambda outputs, batch: batch.get("query_ids"),
@@ -201,19 +202,48 @@ LOSS_INPUTS: dict[str, Callable[[dict, dict], Any]] = {
 _FLOAT_INPUTS = ("negatives", "labels")
 
 
-def make_loss_fn(loss: Callable[..., jax.Array], inputs: Sequence[str] = ()) -> LossFn:
+def _loss_name(loss: Callable) -> str:
+    return getattr(loss, "__name__", getattr(getattr(loss, "func", None), "__name__",
+                                             repr(loss)))
+
+
+def taken_inputs(loss: Callable[..., Any]) -> tuple[str, ...] | None:
+    """The LOSS_INPUTS a loss's signature names (through functools.partial and Gin); None
+    for a loss that takes **kwargs (or has no signature to read): it may take any."""
+    try:
+        parameters = inspect.signature(loss).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: no signature to read
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return None
+    return tuple(name for name in parameters if name in LOSS_INPUTS)
+
+
+def make_loss_fn(loss: Callable[..., jax.Array], inputs: Sequence[str] | None = None) -> LossFn:
     """Adapts a pure loss of (query, passage, **inputs) to (model outputs, batch) -> scalar.
 
-    `inputs` names the fields of LOSS_INPUTS the loss receives as keyword arguments. One the
-    batch lacks is left out, so the loss's default applies (hard negatives exist only when the
-    data has them); `labels` is required (CoSENT has no default for it).
+    The loss receives, as keyword arguments, each field of LOSS_INPUTS its signature names
+    (`inputs`, if given, must list exactly those: one left out is refused, never dropped). One
+    the batch lacks is left out, so the loss's default applies (hard negatives exist only when
+    the data has them); `labels` is required (CoSENT has no default for it).
     """
+    taken = taken_inputs(loss)
+    if inputs is None:
+        inputs = tuple(LOSS_INPUTS) if taken is None else taken
     unknown = sorted(set(inputs) - set(LOSS_INPUTS))
     if unknown:
         raise ConfigError(f"train.loss_inputs: unknown inputs {unknown}; a loss can receive "
                           f"{sorted(LOSS_INPUTS)}")
-    loss_name = getattr(loss, "__name__", getattr(getattr(loss, "func", None), "__name__",
-                                                   repr(loss)))
+    taken = tuple(inputs) if taken is None else taken
+    left_out = [name for name in taken if name not in inputs]
+    not_taken = [name for name in inputs if name not in taken]
+    if left_out or not_taken:
+        raise ConfigError(
+            f"train.loss_inputs = {list(inputs)} does not match {_loss_name(loss)}, which takes "
+            f"{list(taken)}" + (f": it leaves out {left_out}" if left_out else "")
+            + (f": the loss does not take {not_taken}" if not_taken else "")
+            + "; leave train.loss_inputs unset (the loss's signature says what it takes)")
+    loss_name = _loss_name(loss)
 
     def loss_fn(outputs: dict, batch: dict) -> jax.Array:
         given = {}

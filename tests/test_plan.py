@@ -16,7 +16,7 @@ from samtone import train_step as train_step_lib
 from samtone.models import dual_encoder, t5
 
 BATCH, QUERY_LENGTH, PASSAGE_LENGTH = 8, 8, 16
-LOSS_FN = train_step_lib.make_loss_fn(losses.samtone_loss, ("query_ids", "passage_ids"))
+LOSS_FN = train_step_lib.make_loss_fn(losses.samtone_loss)
 
 
 def _model(**overrides):

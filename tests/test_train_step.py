@@ -62,7 +62,7 @@ def recording(optimizer):
 
 OPTIMIZER = recording(optimizers.make_optimizer(learning_rate=1e-2, total_steps=100,
                                                 min_dim_size_to_factor=8))
-# What gin/losses/samtone_query.gin declares as train.loss_inputs.
+# What samtone_loss takes (train_step.taken_inputs), as gin/losses/samtone_query.gin runs it.
 SAMTONE_INPUTS = ("negatives", "query_ids", "passage_ids", "negative_ids")
 LOSS_FN = train_step_lib.make_loss_fn(losses.samtone_loss, SAMTONE_INPUTS)  # query same-tower, bidirectional
 
@@ -113,6 +113,7 @@ def assert_trees_close(actual, expected, rtol=1e-5, atol=1e-6, leaf_atol=0.0, wh
 
 
 @pytest.mark.parametrize("mesh_shape, rules_name", MESHES)
+@pytest.mark.slow
 def test_sharded_step_matches_one_device(mesh_shape, rules_name):
     initial_params, expected_state, expected_metrics = reference()
     mesh, rules, state_shardings, batch_shardings, step = setup(mesh_shape, rules_name)
@@ -318,9 +319,14 @@ def test_loss_fn_passes_the_declared_inputs():
         (losses.pair_loss, ("query_ids", "passage_ids"), losses.pair_loss(q, p, **ids)),
         (losses.cosent_loss, ("labels",), losses.cosent_loss(q, p, batch["labels"])),
         (lambda query, passage: jnp.sum(query * passage), (), jnp.sum(q * p)),
-        # Declared inputs only: without ids the same loss gets none.
-        (losses.samtone_loss, ("negatives",),
-         losses.samtone_loss(q, p, negatives=outputs["negatives"])),
+        # Unset: the inputs the signature names.
+        (losses.samtone_loss, None,
+         losses.samtone_loss(q, p, negatives=outputs["negatives"], **ids)),
+        (losses.pair_loss, None, losses.pair_loss(q, p, **ids)),
+        (losses.cosent_loss, None, losses.cosent_loss(q, p, batch["labels"])),
+        # **kwargs takes whatever is declared.
+        (lambda query, passage, **kw: losses.pair_loss(query, passage, **kw),
+         ("query_ids", "passage_ids"), losses.pair_loss(q, p, **ids)),
     ]
     for loss, inputs, expected in cases:
         value = train_step_lib.make_loss_fn(loss, inputs)(outputs, batch)
@@ -363,6 +369,16 @@ def test_loss_fn_refuses_unknown_inputs():
         train_step_lib.make_loss_fn(losses.samtone_loss, ["query_idz"])
 
 
+def test_loss_fn_refuses_a_list_that_leaves_out_an_input_the_loss_takes():
+    """A loss never silently misses an input its signature names (e.g. the ids that mask
+    false negatives), nor is given one it does not take."""
+    with pytest.raises(ValueError, match=r"leaves out \['query_ids', 'passage_ids', "
+                                         r"'negative_ids'\]"):
+        train_step_lib.make_loss_fn(losses.samtone_loss, ["negatives"])
+    with pytest.raises(ValueError, match=r"does not take \['negatives'\]"):
+        train_step_lib.make_loss_fn(losses.pair_loss, ["query_ids", "passage_ids", "negatives"])
+
+
 # ---------------------------------------------------------------------------------------------
 # What the recipes run: bfloat16 activations, dropout on a sharded mesh, scan + remat + dropout.
 
@@ -394,6 +410,7 @@ def test_bfloat16_step_runs_and_stays_close_to_float32():
     assert cosine > 0.95
 
 
+@pytest.mark.slow
 def test_sharded_step_with_dropout_matches_one_device():
     model = tiny_model(dropout_rate=0.1)
     initial = reference()[0]
@@ -406,6 +423,7 @@ def test_sharded_step_with_dropout_matches_one_device():
     assert abs(one_metrics[0]["loss"] - reference()[2]["loss"]) > 1e-4
 
 
+@pytest.mark.slow
 def test_scan_remat_dropout_trains():
     model = tiny_model(dropout_rate=0.1, scan_layers=True, remat_policy="full")
     state, history = _run_steps(model, (1, 1), "data", 3)

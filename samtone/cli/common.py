@@ -10,10 +10,13 @@ errors into `error: <message>` on stderr with exit status 2. `--traceback` (or
 SAMTONE_TRACEBACK=1) shows the stack instead. Any other exception is a programming error and
 keeps its traceback. Ctrl-C ends a command with one line and exit status 130 (commands write
 their outputs atomically, so nothing half written is left); `--help` prints the command's
-docstring and its own flags, exit 0.
+docstring and its own flags, exit 0. On a CPU backend every command first applies samtone's
+CPU settings (`apply_cpu_tweaks`; SAMTONE_CPU_TWEAKS=0 opts out).
 """
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import logging as std_logging
 import os
 import sys
@@ -23,12 +26,16 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from samtone import host_memory
+from samtone import xla_flags
 from samtone.errors import UserError
 from samtone.paths import absolute_path, absolute_paths  # noqa: F401  (the commands' helpers)
 
 USER_ERROR_EXIT = 2
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, as shells report Ctrl-C
 TRACEBACK_VARIABLE = "SAMTONE_TRACEBACK"
+# SAMTONE_CPU_TWEAKS=0 turns off the process-wide CPU settings (`apply_cpu_tweaks`).
+CPU_TWEAKS_VARIABLE = "SAMTONE_CPU_TWEAKS"
 FLAGS = flags.FLAGS
 
 
@@ -63,6 +70,37 @@ def fail(message: str) -> None:
              if not line.strip().startswith("In call to configurable")]
     print("error: " + "\n".join(lines), file=sys.stderr, flush=True)
     sys.exit(USER_ERROR_EXIT)
+
+
+def _accelerator_plugins() -> list[str]:
+    """JAX's installed accelerator plugins (CUDA, ROCm) and libtpu."""
+    found = [entry.name for entry in importlib.metadata.entry_points(group="jax_plugins")]
+    if importlib.util.find_spec("libtpu") is not None:
+        found.append("libtpu")
+    return found
+
+
+def runs_on_cpu(environ=os.environ, plugins: Sequence[str] | None = None) -> bool:
+    """Will JAX's default backend be the CPU? JAX_PLATFORMS decides if set (its first
+    entry); otherwise the CPU is the backend when no accelerator plugin is installed."""
+    platforms = environ.get("JAX_PLATFORMS", "").strip()
+    if platforms:
+        return platforms.split(",")[0].strip() == "cpu"
+    return not (_accelerator_plugins() if plugins is None else plugins)
+
+
+def apply_cpu_tweaks(environ=os.environ) -> bool:
+    """On a CPU backend, before JAX starts it: samtone's XLA CPU flags (xla_flags) and host
+    memory kept in the process (host_memory). Both are process-wide and help only the CPU:
+    on GPU and TPU hosts a single malloc arena would serialise the input, orbax and
+    tensorstore threads. SAMTONE_CPU_TWEAKS=0 opts out. Returns whether they were applied."""
+    if environ.get(CPU_TWEAKS_VARIABLE, "1").strip().lower() in ("0", "false", "no"):
+        return False
+    if not runs_on_cpu(environ):
+        return False
+    xla_flags.add_cpu_flags(environ)
+    host_memory.keep_freed_memory()
+    return True
 
 
 def _parse_flags(argv: Sequence[str]) -> list[str]:
@@ -102,6 +140,7 @@ def run(main: Callable[[Sequence[str]], None], argv: Sequence[str] | None = None
         flags.DEFINE_bool("traceback", False, "Show the full stack of a user error (also "
                           f"{TRACEBACK_VARIABLE}=1).")
     argv = list(sys.argv if argv is None else argv)
+    apply_cpu_tweaks()  # before JAX starts a backend
     name = command_name(main.__module__)
     if _help_requested(argv):
         print(help_text(main.__module__), flush=True)

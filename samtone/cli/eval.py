@@ -16,7 +16,6 @@ from typing import Sequence
 from absl import flags
 
 from samtone import evaluate
-from samtone import host_memory
 from samtone import output_folder
 from samtone.cli import common
 from samtone.data import retrieval
@@ -102,7 +101,6 @@ def _rate(count: int, seconds: float, unit: str) -> str:
 
 
 def console_entry() -> None:
-    host_memory.keep_freed_memory()  # before JAX starts its backend
     define_flags()
     common.run(main)
 

@@ -86,7 +86,7 @@ def main(argv: Sequence[str]) -> None:
     rules = partitioning.logical_axis_rules(rules) if isinstance(rules, str) else rules
     optimizer = gin.get_configurable("make_optimizer")(
         total_steps=setting("train.num_train_steps"))
-    loss_fn = train_step.make_loss_fn(setting("train.loss"), setting("train.loss_inputs", ()))
+    loss_fn = train_step.make_loss_fn(setting("train.loss"), setting("train.loss_inputs", None))
     batch = plan.example_batch(setting("train.global_batch_size"),
                                setting("train.query_length", 64),
                                setting("train.passage_length", 256),

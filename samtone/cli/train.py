@@ -21,8 +21,6 @@ import jax
 from absl import flags
 from absl import logging
 
-from samtone import host_memory
-from samtone import xla_flags
 from samtone.cli import common
 from samtone.cli import gin_parsing
 from samtone.cli import gin_registry
@@ -184,8 +182,6 @@ def main(argv: Sequence[str]) -> None:
 
 def console_entry() -> None:
     """`samtone-train` and `python -m samtone.cli.train`."""
-    xla_flags.add_cpu_flags()  # both before JAX starts its backend
-    host_memory.keep_freed_memory()
     define_flags()
     common.run(main, gin_parsing.rewrite_gin_args(sys.argv))
 
