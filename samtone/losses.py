@@ -25,6 +25,7 @@ import numbers
 import jax
 import jax.numpy as jnp
 
+from samtone.errors import ConfigError
 from samtone.normalize import l2_normalize
 
 Array = jax.Array
@@ -32,8 +33,11 @@ Array = jax.Array
 HARDNESS_TARGETS = ("hard", "in_batch", "all")
 
 
-def _cosine(a: Array, b: Array) -> Array:
-    """[A, D] x [C, D] -> [A, C] dot products of already normalised rows, in full float32."""
+def _similarities(a: Array, b: Array) -> Array:
+    """[A, D] x [C, D] -> [A, C] dot products of the rows, in full float32.
+
+    Every caller passes L2-normalised rows, so these dot products are the cosine similarities.
+    """
     return jnp.einsum("id,jd->ij", a, b, precision=jax.lax.Precision.HIGHEST)
 
 
@@ -138,7 +142,7 @@ def _hard_negative_logits(q: Array, n: Array, per_example: int, temperature,
     if num_negatives == 0:
         return jnp.zeros((batch_size, 0), jnp.float32)
     own = (jnp.arange(num_negatives) // per_example)[None, :] == jnp.arange(batch_size)[:, None]
-    return _negative_logits(_cosine(q, n), temperature, dropped=known.hard,
+    return _negative_logits(_similarities(q, n), temperature, dropped=known.hard,
                             bonus=jnp.where(own, bonus.own_hard, bonus.in_batch),
                             exclude_diagonal=False)
 
@@ -173,14 +177,14 @@ def _check_vector(ids, name: str, shape: tuple[int, ...]) -> Array | None:
 
 def _check_hardness(alpha, target: str) -> None:
     if target not in HARDNESS_TARGETS:
-        raise ValueError(f"hardness_target must be one of {HARDNESS_TARGETS}, got {target!r}")
+        raise ConfigError(f"hardness_target must be one of {HARDNESS_TARGETS}, got {target!r}")
     if isinstance(alpha, numbers.Real) and alpha < 0:
-        raise ValueError(f"hardness_alpha must be >= 0, got {alpha}")
+        raise ConfigError(f"hardness_alpha must be >= 0, got {alpha}")
 
 
 def _check_temperature(temperature) -> None:
     if isinstance(temperature, numbers.Real) and not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+        raise ConfigError(f"temperature must be > 0, got {temperature}")
 
 
 def _flatten_negatives(negatives, batch_size: int, dim: int) -> tuple[Array, int]:
@@ -298,7 +302,7 @@ def samtone_loss(
     bonus = _HardnessBonus.of(hardness_alpha, hardness_target)
 
     q, p = l2_normalize(query), l2_normalize(passage)
-    s_qp = _cosine(q, p)
+    s_qp = _similarities(q, p)
     positive = jnp.diagonal(s_qp) / temperature  # s(q_i, p_i) / t
 
     # L_qp(i): sum_j e^{s(q_i,p_j)/t} + sum_m e^{s(q_i,n_m)/t} + [query_same_tower] sum_{j!=i} e^{s(q_i,q_j)/t}
@@ -308,8 +312,8 @@ def samtone_loss(
         denominator.append(_hard_negative_logits(q, l2_normalize(negatives), per_example,
                                                  temperature, known, bonus))
     if query_same_tower:
-        denominator.append(_negative_logits(_cosine(q, q), temperature, dropped=known.query_query,
-                                            bonus=bonus.same_tower))
+        denominator.append(_negative_logits(_similarities(q, q), temperature,
+                                            dropped=known.query_query, bonus=bonus.same_tower))
     loss_qp = jnp.mean(_softmax_losses(positive, denominator))
     if not bidirectional:
         return loss_qp
@@ -318,7 +322,7 @@ def samtone_loss(
     denominator = [_negative_logits(s_qp.T, temperature, dropped=known.passage_query,
                                     bonus=bonus.in_batch)]
     if passage_same_tower:
-        denominator.append(_negative_logits(_cosine(p, p), temperature,
+        denominator.append(_negative_logits(_similarities(p, p), temperature,
                                             dropped=known.passage_passage, bonus=bonus.same_tower))
     loss_pq = jnp.mean(_softmax_losses(positive, denominator))
     return 0.5 * (loss_qp + loss_pq)
@@ -374,17 +378,18 @@ def pair_loss(
     batch_size, _ = _check_embeddings(query, passage)
     _check_temperature(temperature)
     if isinstance(alpha, numbers.Real) and not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
     query_ids = _check_vector(query_ids, "query_ids", (batch_size,))
     passage_ids = _check_vector(passage_ids, "passage_ids", (batch_size,))
     known = _KnownPositives.from_ids(query_ids, passage_ids, None, batch_size)
     q, p = l2_normalize(query), l2_normalize(passage)
-    s_qp = _cosine(q, p)
+    s_qp = _similarities(q, p)
     positive = jnp.diagonal(s_qp) / temperature
     query_centric = _softmax_losses(
         positive, [_negative_logits(s_qp, temperature, dropped=known.query_passage)])
     passage_centric = _softmax_losses(
-        positive, [_negative_logits(_cosine(p, p), temperature, dropped=known.passage_passage)])
+        positive,
+        [_negative_logits(_similarities(p, p), temperature, dropped=known.passage_passage)])
     return jnp.mean((1.0 - alpha) * query_centric + alpha * passage_centric)
 
 
@@ -412,7 +417,7 @@ def in_batch_accuracy(query: Array, passage: Array, passage_ids: Array | None = 
     With passage_ids, a top passage that has the positive's id also counts as correct.
     """
     batch_size, _ = _check_embeddings(query, passage)
-    top = jnp.argmax(_cosine(l2_normalize(query), l2_normalize(passage)), axis=1)
+    top = jnp.argmax(_similarities(l2_normalize(query), l2_normalize(passage)), axis=1)
     correct = top == jnp.arange(batch_size)
     if passage_ids is not None:
         passage_ids = _check_vector(passage_ids, "passage_ids", (batch_size,))

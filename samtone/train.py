@@ -137,6 +137,11 @@ def train(
     change; a checkpoint in the other layer layout (scan_layers) is restacked.
     """
     started = time.monotonic()
+    _check_settings(global_batch_size=global_batch_size, num_train_steps=num_train_steps,
+                    query_length=query_length, passage_length=passage_length,
+                    checkpoint_every=checkpoint_every, log_every=log_every,
+                    eval_every=eval_every, keep_checkpoints=keep_checkpoints,
+                    eval_batch_size=eval_batch_size, microbatches=microbatches)
     run = run_dir.RunDir.at(model_dir)
     run.check_writable()
     eval_data = paths.absolute_paths(eval_data)  # train_data may be a seqio task's name
@@ -153,7 +158,12 @@ def train(
         rules = (partitioning.logical_axis_rules(logical_axis_rules)
                  if isinstance(logical_axis_rules, str) else logical_axis_rules)
         loss_fn = train_step_lib.make_loss_fn(loss, loss_inputs)
-        optimizer = optimizer_factory(total_steps=num_train_steps)
+        try:
+            optimizer = optimizer_factory(total_steps=num_train_steps)
+        except ConfigError:
+            raise
+        except ValueError as error:  # its message names the make_optimizer setting
+            raise ConfigError(str(error)) from error
         tokenizer = Tokenizer(vocabulary)
         _check_vocabulary(model, tokenizer)
         manifest = run_manifest.RunManifest.of(
@@ -323,6 +333,30 @@ def _raise_if_out_of_space(error: BaseException, manager, step: int) -> None:
     raise CheckpointError(f"no space left on the device holding {manager.directory} while "
                           f"saving the checkpoint of step {step}; {previous}. Free space and "
                           "run the same command again to resume") from error
+
+
+# (smallest value, may be None) of train()'s integer settings.
+_INTEGER_SETTINGS = {
+    "global_batch_size": (1, False), "num_train_steps": (1, False),
+    "query_length": (2, False), "passage_length": (2, False),  # a token and EOS
+    "checkpoint_every": (1, False), "log_every": (1, False), "eval_every": (1, True),
+    "keep_checkpoints": (1, True), "eval_batch_size": (1, False), "microbatches": (1, False),
+}
+
+
+def _check_settings(**values) -> None:
+    """Each integer setting is an int of at least its smallest value; the error names it
+    (`parameter`, which the CLI turns into the Gin binding that set it)."""
+    for name, value in values.items():
+        smallest, may_be_none = _INTEGER_SETTINGS[name]
+        if value is None and may_be_none:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
+            expected = (f"an integer >= {smallest}" if smallest > 1 else "a positive integer")
+            error = ConfigError(f"train.{name} must be {expected}"
+                                + (" or None" if may_be_none else "") + f", got {value!r}")
+            error.parameter = f"train.{name}"
+            raise error
 
 
 def _check_inputs_exist(**inputs) -> None:

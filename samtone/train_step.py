@@ -219,6 +219,22 @@ def taken_inputs(loss: Callable[..., Any]) -> tuple[str, ...] | None:
     return tuple(name for name in parameters if name in LOSS_INPUTS)
 
 
+def _probe(loss: Callable, loss_name: str, inputs: Sequence[str]) -> None:
+    """Calls the loss once on two tiny rows, so a bad hyperparameter (a temperature of 0) is
+    reported now, before a run starts, not inside the first compiled step. Only the loss's
+    own ConfigErrors count: anything else (a custom loss that needs negatives) waits for
+    real data."""
+    rows = jnp.asarray([[1.0, 0.0], [0.0, 1.0]])
+    probe = {"query_ids": jnp.arange(2), "passage_ids": jnp.arange(2),
+             "labels": jnp.asarray([1.0, 0.0])}
+    try:
+        loss(rows, rows, **{name: probe[name] for name in inputs if name in probe})
+    except ConfigError as error:
+        raise ConfigError(f"train.loss ({loss_name}): {error}") from error
+    except Exception:  # pylint: disable=broad-except
+        pass
+
+
 def make_loss_fn(loss: Callable[..., jax.Array], inputs: Sequence[str] | None = None) -> LossFn:
     """Adapts a pure loss of (query, passage, **inputs) to (model outputs, batch) -> scalar.
 
@@ -244,6 +260,7 @@ def make_loss_fn(loss: Callable[..., jax.Array], inputs: Sequence[str] | None = 
             + (f": the loss does not take {not_taken}" if not_taken else "")
             + "; leave train.loss_inputs unset (the loss's signature says what it takes)")
     loss_name = _loss_name(loss)
+    _probe(loss, loss_name, inputs)
 
     def loss_fn(outputs: dict, batch: dict) -> jax.Array:
         given = {}

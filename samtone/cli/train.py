@@ -11,10 +11,9 @@ MODEL_DIR resumes.
 from __future__ import annotations
 
 import datetime
-import numbers
 import shlex
 import sys
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import gin
 import jax
@@ -33,13 +32,7 @@ FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-    flags.DEFINE_multi_string("gin_file", None, f"Gin config files (default {DEFAULT_GIN_FILE}); "
-                              "later files override earlier ones.")
-    flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, applied after the files; "
-                              "--gin.NAME=VALUE is the same as --gin_bindings='NAME = VALUE'.")
-    flags.DEFINE_list("gin_search_paths", [], "Extra folders where Gin files and their "
-                      "includes are looked up (the current folder and samtone's own are always "
-                      "searched).")
+    gin_parsing.define_gin_flags(default_file=DEFAULT_GIN_FILE)
 
 # Parameters holding paths: made absolute before the run starts, so config.gin, the manifest
 # and the printed next steps work from any folder.
@@ -47,50 +40,11 @@ PATH_PARAMETERS = ("train.model_dir", "train.train_data", "train.eval_data",
                    "train.vocabulary", "train.init_checkpoint")
 
 
-def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def _positive_number(value) -> bool:
-    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
-            and value > 0 and value == value and value != float("inf"))
-
-
-# (parameter, check, what it must be, may be None)
-CHECKS: tuple[tuple[str, Callable[[Any], bool], str, bool], ...] = (
-    ("train.global_batch_size", _positive_int, "a positive integer", False),
-    ("train.num_train_steps", _positive_int, "a positive integer", False),
-    ("train.query_length", lambda v: _positive_int(v) and v >= 2,
-     "an integer >= 2 (a token and EOS)", False),
-    ("train.passage_length", lambda v: _positive_int(v) and v >= 2,
-     "an integer >= 2 (a token and EOS)", False),
-    ("train.checkpoint_every", _positive_int, "a positive integer", False),
-    ("train.log_every", _positive_int, "a positive integer", False),
-    ("train.eval_every", _positive_int, "a positive integer or None", True),
-    ("train.keep_checkpoints", _positive_int, "a positive integer or None", True),
-    ("train.eval_batch_size", _positive_int, "a positive integer", False),
-    ("make_optimizer.learning_rate", _positive_number, "a positive number", False),
-    ("losses.samtone_loss.temperature", _positive_number, "a positive number", False),
-    ("losses.in_batch_softmax_loss.temperature", _positive_number, "a positive number", False),
-    ("losses.pair_loss.temperature", _positive_number, "a positive number", False),
-)
-
-
 def check_settings() -> None:
-    """Type- and range-checks the run's key values; the message names the binding."""
-    for name, check, expected, nullable in CHECKS:
-        value = gin_parsing.setting(name, default=_Missing)
-        if value is _Missing or (value is None and nullable):
-            continue
-        if not check(value):
-            raise ConfigError(f"{gin_parsing.binding_source(name)} must be {expected}, got "
-                              f"{value!r}")
+    """The one check the library cannot make: a run folder is named. Every value is checked
+    where it is used (samtone.train, the losses, the optimiser)."""
     if gin_parsing.setting("train.model_dir", None) is None:
         raise ConfigError("no MODEL_DIR: set --gin.MODEL_DIR=\"'/path/to/run'\"")
-
-
-class _Missing:  # pylint: disable=too-few-public-methods
-    """Marks a parameter the config does not bind (its default applies)."""
 
 
 def make_paths_absolute() -> None:
@@ -166,7 +120,10 @@ def main(argv: Sequence[str]) -> None:
         parameter = getattr(error, "parameter", None)
         if parameter is None:
             raise
-        raise UserError(f"{gin_parsing.binding_source(parameter)}: {error}") from error
+        source = gin_parsing.binding_source(parameter)  # e.g. BATCH_SIZE (train.global_...)
+        message = str(error)
+        raise UserError(message.replace(parameter, source, 1) if message.startswith(parameter)
+                        else f"{source}: {message}") from error
     if result.interrupted:
         if jax.process_index() == 0:
             print(f"samtone-train: interrupted at step {result.step}; checkpoint "
