@@ -4,21 +4,24 @@ import os
 
 import setuptools
 
-# Gin fragments and run configs live at the repo root; installed copies go to
-# <prefix>/share/samtone/, where samtone.gin_config finds them.
-RESOURCE_DIRS = ["configs", *sorted(glob.glob("gin/*"))]
+# Gin fragments and run configs live at the repo root (gin/, configs/: a source checkout and
+# an editable install read them there); a wheel installs them into the package, as
+# samtone/_resources/gin/... and samtone/_resources/configs/, where
+# samtone.cli.gin_parsing.resources_dir finds them.
+RESOURCE_DIRS = sorted(folder for top in ("configs", "gin") for folder, _, _ in os.walk(top)
+                       if glob.glob(os.path.join(folder, "*.gin")))
+RESOURCE_PACKAGES = {"samtone._resources." + folder.replace(os.sep, "."): folder
+                     for folder in RESOURCE_DIRS}
 
 setuptools.setup(
     name="samtone",
     version="0.1.0",
     description="T5.1.1 dual encoders trained with same-tower-negative contrastive losses (JAX/Flax).",
     python_requires=">=3.10",
-    packages=setuptools.find_namespace_packages(include=["samtone", "samtone.*"]),
-    package_data={"samtone": ["data/smoke/*"]},
-    data_files=[
-        (os.path.join("share", "samtone", folder), sorted(glob.glob(os.path.join(folder, "*.gin"))))
-        for folder in RESOURCE_DIRS
-    ],
+    packages=[*setuptools.find_namespace_packages(include=["samtone", "samtone.*"]),
+              *RESOURCE_PACKAGES],
+    package_dir=RESOURCE_PACKAGES,
+    package_data={"samtone": ["data/smoke/*"], **{name: ["*.gin"] for name in RESOURCE_PACKAGES}},
     install_requires=[
         "jax>=0.10,<0.11",
         "jaxlib>=0.10,<0.11",
@@ -28,6 +31,8 @@ setuptools.setup(
         "gin-config>=0.5,<0.6",
         "sentencepiece>=0.2,<0.3",
         "numpy>=1.26",
+        "absl-py>=1.4",  # flags and logging of the commands
+        "etils[epath]>=1.5",  # paths on any filesystem (gs://...) for runs and vocabularies
         "msgpack>=1.0",
         "tensorstore>=0.1.60",
         "tensorboardX>=2.6",

@@ -372,8 +372,6 @@ def main(argv=None):
     model = dual_encoder.DualEncoder(config, "ade_spl", projection_dim=config.d_model)
     mesh = partitioning.make_mesh(tuple(int(s) for s in args.mesh.split(",")))
     rules = partitioning.logical_axis_rules(args.rules)
-    optimizer = optimizers.make_optimizer(learning_rate=1e-3,
-                                          total_steps=10 * args.batches * (args.rounds + 2))
     loss = losses.samtone_loss
     loss_fn = train_step_lib.make_loss_fn(
         lambda q, p, **kw: loss(q, p, temperature=args.temperature, bidirectional=False, **kw),
@@ -387,6 +385,9 @@ def main(argv=None):
     batch_shardings = partitioning.batch_shardings(host_batches[0], mesh, rules)
     device_batches = [jax.device_put(b, batch_shardings) for b in host_batches]
 
+    optimizer = optimizers.make_optimizer(
+        learning_rate=1e-3, total_steps=10 * args.batches * (args.rounds + 2),
+        logical_axes=train_step_lib.param_logical_specs(model, batches[0], mesh, rules))
     state, state_shardings = train_step_lib.init_train_state(model, optimizer, batches[0], mesh,
                                                              rules, seed=args.seed)
     initial_params = jax.device_get(state.params)

@@ -44,6 +44,7 @@ from samtone.data.retrieval import RetrievalSet
 from samtone.errors import ConfigError
 from samtone.inference import Encoder
 from samtone.normalize import l2_normalize
+from samtone.vocabulary import same_vocabulary
 
 METRICS_FILE = "metrics.json"
 RUN_FILE = "run.trec"
@@ -246,7 +247,7 @@ def check_vocabulary(model_vocabulary: str | os.PathLike, data_vocabulary: str |
     model_path, data_path = epath.Path(model_vocabulary), epath.Path(data_vocabulary)
     if not data_path.exists():
         raise ConfigError(f"{source}: the vocabulary {os.fspath(data_path)} does not exist")
-    if model_path == data_path or model_path.read_bytes() == data_path.read_bytes():
+    if same_vocabulary(model_path, data_path):
         return
     raise ConfigError(f"{source}: the data's vocabulary {os.fspath(data_path)} is not the "
                       f"model's vocabulary {os.fspath(model_path)} (a different SentencePiece "

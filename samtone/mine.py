@@ -47,7 +47,7 @@ from samtone.normalize import l2_normalize
 
 def mine_hard_negatives(query_embeddings: np.ndarray, passage_embeddings: np.ndarray,
                         positives: Sequence[set[int]], *, k: int, margin: float | None = None,
-                        block_size: int | None = None, mesh: Mesh | None = None,
+                        chunk_size: int | None = None, mesh: Mesh | None = None,
                         approximate: bool = False,
                         recall_target: float = 0.95) -> list[list[int]]:
     """For each query, the indices of its k hardest non-positive passages (see module doc).
@@ -58,7 +58,7 @@ def mine_hard_negatives(query_embeddings: np.ndarray, passage_embeddings: np.nda
       positives: Nq sets of corpus indices, each query's known positives; never returned.
       k: negatives per query; fewer are returned when fewer candidates remain.
       margin: if set, drop candidates scoring above (weakest positive score - margin).
-      block_size: queries scored at once (default: samtone.search's chunk).
+      chunk_size: queries scored at once (default: samtone.search's chunk).
       mesh: the devices holding the corpus (default: all).
       approximate, recall_target: `jax.lax.approx_max_k` instead of exact top k.
 
@@ -73,13 +73,13 @@ def mine_hard_negatives(query_embeddings: np.ndarray, passage_embeddings: np.nda
     _check_positives(positives, len(queries), len(passages))
     index = search.PassageIndex.from_embeddings(passages, mesh)
     return mine_index(index, queries, positives, passages, k=k, margin=margin,
-                      block_size=block_size, approximate=approximate,
+                      chunk_size=chunk_size, approximate=approximate,
                       recall_target=recall_target)
 
 
 def mine_index(index: search.PassageIndex, queries: np.ndarray,
                positives: Sequence[set[int]], positive_embeddings: np.ndarray, *, k: int,
-               margin: float | None = None, block_size: int | None = None,
+               margin: float | None = None, chunk_size: int | None = None,
                approximate: bool = False, recall_target: float = 0.95,
                progress: bool | None = None) -> list[list[int]]:
     """`mine_hard_negatives` against a built index of unit-norm passages.
@@ -102,7 +102,7 @@ def mine_index(index: search.PassageIndex, queries: np.ndarray,
         ceilings = weakest - np.float32(margin)
     _, indices = index.search(queries, k, exclude=positives, max_scores=ceilings,
                               approximate=approximate, recall_target=recall_target,
-                              chunk_size=block_size, progress=progress)
+                              chunk_size=chunk_size, progress=progress)
     return [row[row >= 0].tolist() for row in indices]
 
 
@@ -153,7 +153,7 @@ class MiningStats:
 def mine_training_file(model_dir: str, train_data: files.PathOrPaths, output: str, *, k: int,
                        margin: float | None = None, corpus: files.PathOrPaths | None = None,
                        step: int | None = None, batch_size: int = 128,
-                       block_size: int | None = None, encoders: Encoder | None = None,
+                       chunk_size: int | None = None, encoders: Encoder | None = None,
                        mesh: Mesh | None = None, approximate: bool = False,
                        recall_target: float = 0.95, overwrite: bool = False,
                        progress: bool | None = None) -> MiningStats:
@@ -201,7 +201,7 @@ def mine_training_file(model_dir: str, train_data: files.PathOrPaths, output: st
     positive_embeddings = (l2_normalize(np.concatenate(kept)) if kept
                            else np.zeros((0, query_embeddings.shape[1]), np.float32))
     mined = mine_index(index, query_embeddings, positives, positive_embeddings, k=k,
-                       margin=margin, block_size=block_size, approximate=approximate,
+                       margin=margin, chunk_size=chunk_size, approximate=approximate,
                        recall_target=recall_target, progress=progress)
     logging.info("searched %d queries in %.1fs", len(queries), time.perf_counter() - started)
     complete = [e for e in examples if len(mined[query_index[e.query]]) >= k]

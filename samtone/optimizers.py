@@ -5,9 +5,10 @@ rate 0.8 (beta2_t = 1 - (t + 1)^-0.8), update clipping at block RMS 1.0, no mome
 the step multiplied by the parameter's scale max(RMS(param), 1e-3). Like t5x's
 `standard_logical_factor_rules`, a parameter's 'layers' axis (the stack of scan_layers=True)
 is a batch of separate weights: the RMS, the clipping and the factoring are per layer, so a
-scanned model trains as the unrolled one. The optimiser learns the parameters'
-logical axis names from `set_logical_axes`, which `train_step.train_state_shardings` calls
-once the model is known (t5x's `set_param_axes`). AdamW is there for users who prefer it.
+scanned model trains as the unrolled one. So the optimiser is built once the model is known,
+with the parameters' logical axis names (`make_optimizer(logical_axes=...)`, from
+`train_step.param_logical_specs`; t5x's `set_param_axes`), and never changed after; a
+scanned model refuses an optimiser built without them. AdamW is there for users who prefer it.
 """
 from __future__ import annotations
 
@@ -67,13 +68,6 @@ class _LogicalAxes:
     def __init__(self, specs: Any = None):
         self.specs = specs
 
-    def set(self, specs: Any) -> None:
-        if self.specs is not None and not _same_specs(self.specs, specs):
-            raise ValueError("set_logical_axes: this optimiser already has other logical axes (a "
-                             "different model, e.g. scan_layers changed); make one optimiser per "
-                             "model")
-        self.specs = specs
-
     def batch_axes(self, tree: Any) -> tuple[list, jax.tree_util.PyTreeDef]:
         """(each leaf's batch-axis positions, the treedef) of `tree` (params or updates)."""
         leaves, treedef = jax.tree.flatten(tree)
@@ -97,11 +91,8 @@ def _same_specs(a: Any, b: Any) -> bool:
 
 
 class Optimizer(optax.GradientTransformationExtraArgs):
-    """An optax transformation that also holds its parameters' logical axes (`logical_axes`).
-
-    Gin builds the optimiser before the model exists, so the axes come later, through
-    `set_logical_axes`; until then every axis counts as a weight axis (optax's behaviour).
-    """
+    """An optax transformation that also holds its parameters' logical axes (`logical_axes`);
+    without them every axis counts as a weight axis (optax's behaviour)."""
 
     def __new__(cls, init, update, logical_axes: _LogicalAxes | None = None):
         self = super().__new__(cls, init, update)
@@ -127,8 +118,8 @@ def make_optimizer(*, learning_rate: float = 1e-3, total_steps: int, warmup_step
         A 'layers' axis is not a dimension of the weight.
       weight_decay: AdamW's decoupled weight decay, applied to matrices only.
       logical_axes: the parameters' logical PartitionSpecs (a tree like the parameters, as
-        `partitioning.logical_specs` gives); None: set later by `set_logical_axes`, which
-        `train_step.train_state_shardings` does.
+        `train_step.param_logical_specs` gives); needed for a model with a 'layers' axis
+        (scan_layers), whose layers are then separate weights. samtone.train passes them.
 
     The current learning rate lives in the state; `current_learning_rate` reads it.
     """
@@ -166,16 +157,22 @@ def make_optimizer(*, learning_rate: float = 1e-3, total_steps: int, warmup_step
     return Optimizer(chain.init, chain.update, axes)
 
 
-def set_logical_axes(optimizer: optax.GradientTransformation, logical_axes: Any) -> None:
-    """Gives an optimiser from `make_optimizer` its parameters' logical PartitionSpecs.
-
-    Call it before `optimizer.init`. Setting the same axes again is allowed; other axes are an
-    error (one optimiser per model). Other optax transformations (wrapped ones included) are
-    left alone and treat every axis as a weight axis.
-    """
+def check_logical_axes(optimizer: optax.GradientTransformation, logical_axes: Any) -> None:
+    """Refuses an optimiser from `make_optimizer` whose logical axes are not the model's when
+    the model has a 'layers' axis (its statistics would mix the layers). Other optax
+    transformations are not checked."""
     axes = getattr(optimizer, "logical_axes", None)
-    if isinstance(axes, _LogicalAxes):
-        axes.set(logical_axes)
+    if not isinstance(axes, _LogicalAxes) or not _has_batch_axis(logical_axes):
+        return
+    if axes.specs is None or not _same_specs(axes.specs, logical_axes):
+        raise ValueError("the optimiser was built without this model's logical axes, and the "
+                         "model has a 'layers' axis (scan_layers): build it with "
+                         "make_optimizer(..., logical_axes=train_step.param_logical_specs(...))")
+
+
+def _has_batch_axis(specs: Any) -> bool:
+    leaves = jax.tree.leaves(specs, is_leaf=lambda x: x is None or isinstance(x, PartitionSpec))
+    return any(name in BATCH_AXES for leaf in leaves if leaf is not None for name in leaf)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -221,12 +221,6 @@ def process_batch_rows(mesh: Mesh, rules: LogicalRules, global_batch_size: int) 
     return np.array(sorted(rows), np.int64)
 
 
-def mesh_specs(shardings: Any) -> Any:
-    """The mesh PartitionSpec of each NamedSharding of a tree (for tests and logs)."""
-    return jax.tree.map(lambda s: s.spec, shardings,
-                        is_leaf=lambda x: isinstance(x, NamedSharding))
-
-
 def _is_spec(x) -> bool:
     return isinstance(x, PartitionSpec)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import inspect
 import os
 import time
 from typing import Any, Callable, Iterator, Sequence
@@ -107,7 +108,8 @@ def train(
       vocabulary: the SentencePiece model file.
       global_batch_size: examples per step over all processes.
       num_train_steps: the step training ends at (also the optimiser schedule's length).
-      optimizer_factory: called with `total_steps=num_train_steps`; default Adafactor.
+      optimizer_factory: called with `total_steps=num_train_steps` and, if it takes them,
+        the parameters' `logical_axes`, once the model's shapes are known; default Adafactor.
       batch_iterator_factory: samtone.data.pipeline.make_batch_iterator or a compatible one.
       mesh: default one data-parallel axis over all devices.
       logical_axis_rules: a rule table or its name in samtone.partitioning.
@@ -158,12 +160,6 @@ def train(
         rules = (partitioning.logical_axis_rules(logical_axis_rules)
                  if isinstance(logical_axis_rules, str) else logical_axis_rules)
         loss_fn = train_step_lib.make_loss_fn(loss, loss_inputs)
-        try:
-            optimizer = optimizer_factory(total_steps=num_train_steps)
-        except ConfigError:
-            raise
-        except ValueError as error:  # its message names the make_optimizer setting
-            raise ConfigError(str(error)) from error
         tokenizer = Tokenizer(vocabulary)
         _check_vocabulary(model, tokenizer)
         manifest = run_manifest.RunManifest.of(
@@ -187,6 +183,9 @@ def train(
             raise
         example_batch = _example_global_batch(iterator, global_batch_size)
         train_step_lib.check_packed_microbatches(example_batch, microbatches)  # before compiling
+        optimizer = _make_optimizer(optimizer_factory, num_train_steps,
+                                    train_step_lib.param_logical_specs(
+                                        model, example_batch, mesh, rules, seed=seed))
         # Shardings depend on each array's rank only, so they serve every bucket's shapes.
         batch_shardings = partitioning.batch_shardings(
             {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in example_batch.items()},
@@ -342,6 +341,23 @@ _INTEGER_SETTINGS = {
     "checkpoint_every": (1, False), "log_every": (1, False), "eval_every": (1, True),
     "keep_checkpoints": (1, True), "eval_batch_size": (1, False), "microbatches": (1, False),
 }
+
+
+def _make_optimizer(factory: Callable[..., optax.GradientTransformation], total_steps: int,
+                    logical_axes) -> optax.GradientTransformation:
+    """The optimiser, built once the model's logical axes are known (a factory that takes
+    `logical_axes`, as make_optimizer does, gets them)."""
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        parameters = {}
+    axes = {"logical_axes": logical_axes} if "logical_axes" in parameters else {}
+    try:
+        return factory(total_steps=total_steps, **axes)
+    except ConfigError:
+        raise
+    except ValueError as error:  # its message names the make_optimizer setting
+        raise ConfigError(str(error)) from error
 
 
 def _check_settings(**values) -> None:

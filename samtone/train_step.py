@@ -67,6 +67,14 @@ def _init_fn(model: nn.Module, example_batch: dict, seed: int, mesh: Mesh, rules
     return partitioning.params_initializer(model, mesh, rules, shapes, _seed_keys(seed)[0])
 
 
+def param_logical_specs(model: nn.Module, example_batch: dict, mesh: Mesh, rules, *,
+                        seed: int = 0) -> Any:
+    """The parameters' logical PartitionSpecs (what `make_optimizer(logical_axes=)` takes),
+    allocating nothing."""
+    return partitioning.logical_specs(jax.eval_shape(
+        _init_fn(model, example_batch, seed, mesh, rules)))
+
+
 def train_state_shardings(model: nn.Module, optimizer: optax.GradientTransformation,
                           example_batch: dict, mesh: Mesh, rules, *, seed: int = 0
                           ) -> tuple[TrainState, TrainState]:
@@ -74,7 +82,7 @@ def train_state_shardings(model: nn.Module, optimizer: optax.GradientTransformat
     boxed = jax.eval_shape(_init_fn(model, example_batch, seed, mesh, rules))
     param_specs = partitioning.logical_specs(boxed)
     params = nn.unbox(boxed)
-    optimizers.set_logical_axes(optimizer, param_specs)  # Adafactor: per-layer statistics
+    optimizers.check_logical_axes(optimizer, param_specs)  # Adafactor: per-layer statistics
     opt_state = jax.eval_shape(optimizer.init, params)
     specs = TrainState(
         step=PartitionSpec(), params=param_specs,

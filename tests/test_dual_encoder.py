@@ -143,6 +143,7 @@ def test_unknown_architecture_names_valid_ones():
 
 
 @pytest.mark.parametrize("architecture,scan_layers", [("ade", False), ("sde", True)])
+@pytest.mark.slow
 def test_pretrained_encoder_fills_every_tower(architecture, scan_layers):
     """tower_params + init_train_state: the one path from a pretrained encoder to the towers."""
     config = dataclasses.replace(CONFIG, scan_layers=scan_layers)
@@ -152,8 +153,9 @@ def test_pretrained_encoder_fills_every_tower(architecture, scan_layers):
     pretrained = jax.tree.map(np.asarray, nn.unbox(jax.jit(T5Encoder(unscanned).init)(jax.random.key(7), QUERIES)["params"]))
     mesh = partitioning.make_mesh((1, 1), devices=jax.devices()[:1])
     rules = partitioning.logical_axis_rules("data")
-    optimizer = optimizers.make_optimizer(total_steps=10)
     batch = {"query_tokens": QUERIES, "passage_tokens": PASSAGES}
+    optimizer = optimizers.make_optimizer(
+        total_steps=10, logical_axes=train_step.param_logical_specs(model, batch, mesh, rules))
     loaded, _ = train_step.init_train_state(model, optimizer, batch, mesh, rules, seed=3,
                                             init_params=tower_params(pretrained, architecture))
     fresh, _ = train_step.init_train_state(model, optimizer, batch, mesh, rules, seed=3)

@@ -49,6 +49,7 @@ def _unscanned_names_and_shapes():
             for path, leaf in leaves}
 
 
+@pytest.mark.slow
 def test_manifest_and_files(scanned_run, export_dir):
     assert sorted(os.listdir(export_dir)) == [
         "encode_passages.stablehlo", "encode_queries.stablehlo", "params.safetensors",
@@ -73,6 +74,7 @@ def test_manifest_and_files(scanned_run, export_dir):
         os.stat(export_dir / "samtone_export.json").st_mode & 0o777)
 
 
+@pytest.mark.slow
 def test_params_are_the_checkpoint_in_the_unscanned_layout(scanned_run, export_dir):
     params = safetensors.numpy.load_file(export_dir / "params.safetensors")
     expected = _unscanned_names_and_shapes()
@@ -88,6 +90,7 @@ def test_params_are_the_checkpoint_in_the_unscanned_layout(scanned_run, export_d
     assert all(value.dtype == np.float32 for value in params.values())
 
 
+@pytest.mark.slow
 def test_load_exported_gives_the_trained_models_embeddings(scanned_run, export_dir):
     queries, passages = smoke_texts(13)
     trained = inference.Encoder.load(str(scanned_run), batch_size=8)
@@ -100,6 +103,7 @@ def test_load_exported_gives_the_trained_models_embeddings(scanned_run, export_d
 
 
 @pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.slow
 def test_stablehlo_runs_at_any_batch_size(export_dir, batch):
     queries, _ = smoke_texts(batch)
     tokens = Tokenizer(smoke_path("spm.model")).encode(queries, QUERY_LENGTH)
@@ -125,6 +129,7 @@ assert not [m for m in sys.modules if m.split(".")[0] in ("samtone", "flax", "gi
 """
 
 
+@pytest.mark.slow
 def test_a_server_needs_only_jax(export_dir, tmp_path):
     _, passages = smoke_texts(4)
     np.save(tmp_path / "tokens.npy",
@@ -155,6 +160,7 @@ def _random_export(tmp_path, architecture, platforms=export.DEFAULT_PLATFORMS,
 
 @pytest.mark.parametrize("architecture,overrides", [
     ("sde", {}), ("ade", {}), ("ade_spl", {"param_dtype": jnp.bfloat16, "scan_layers": True})])
+@pytest.mark.slow
 def test_architectures_and_dtypes_round_trip(tmp_path, architecture, overrides):
     model, params, directory, config = _random_export(tmp_path, architecture, **overrides)
     assert config["t5_config"]["param_dtype"] == jnp.dtype(model.config.param_dtype).name
@@ -185,6 +191,7 @@ def test_a_platform_that_fails_to_lower_is_dropped(tmp_path, monkeypatch):
                             query_length=8, passage_length=12, platforms=("cpu", "gpu"))
 
 
+@pytest.mark.slow
 def test_overwrite_is_refused_unless_asked(scanned_run, export_dir, tmp_path):
     before = {name: (export_dir / name).read_bytes() for name in os.listdir(export_dir)}
     with pytest.raises(FileExistsError, match=f"--output={export_dir} exists and is not empty"):
@@ -199,6 +206,7 @@ def test_overwrite_is_refused_unless_asked(scanned_run, export_dir, tmp_path):
     assert os.listdir(tmp_path) == ["target"]  # no temporary directories left
 
 
+@pytest.mark.slow
 def test_errors_name_the_model_dir_and_the_missing_file(scanned_run, tmp_path):
     with pytest.raises(FileNotFoundError, match=f"{tmp_path}/model.json not found"):
         export.export_model(tmp_path, tmp_path / "out")
@@ -260,6 +268,7 @@ def _cli(*args):
     return run_command("export", *args)
 
 
+@pytest.mark.slow
 def test_command_line(scanned_run, tmp_path):
     result = _cli(f"--model_dir={scanned_run}", f"--output={tmp_path / 'cli'}", "--step=1",
                   "--platforms=cpu", "--format=jax")
@@ -268,8 +277,8 @@ def test_command_line(scanned_run, tmp_path):
     assert "platforms cpu" in result.stdout and "samtone_export.json" in result.stdout
     manifest = json.loads((tmp_path / "cli" / "samtone_export.json").read_text())
     assert manifest["platforms"] == ["cpu"] and manifest["step"] == 1
-    # --export_dir, the former name of --output, still works; an existing folder is refused.
-    refused = _cli(f"--model_dir={scanned_run}", f"--export_dir={tmp_path / 'cli'}")
+    # An existing folder is refused.
+    refused = _cli(f"--model_dir={scanned_run}", f"--output={tmp_path / 'cli'}")
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert f"error: --output={tmp_path / 'cli'} exists and is not empty" in refused.stderr
     unknown = _cli(f"--model_dir={scanned_run}", f"--output={tmp_path / 'x'}", "--format=onnx")

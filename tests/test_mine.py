@@ -40,13 +40,13 @@ def random_problem(seed, num_queries=13, num_passages=50, dim=8):
     return queries, passages, positives
 
 
-@pytest.mark.parametrize("block_size", [1, 4, None])
+@pytest.mark.parametrize("chunk_size", [1, 4, None])
 @pytest.mark.parametrize("k", [1, 5, 60])
 @pytest.mark.parametrize("margin", [None, 0.0, 0.1, -0.05])
-def test_matches_brute_force(block_size, k, margin):
+def test_matches_brute_force(chunk_size, k, margin):
     queries, passages, positives = random_problem(seed=k)
     mined = mine.mine_hard_negatives(queries, passages, positives, k=k, margin=margin,
-                                     block_size=block_size)
+                                     chunk_size=chunk_size)
     assert mined == brute_force(queries, passages, positives, k, margin)
     for negatives, positive in zip(mined, positives):
         assert not set(negatives) & positive
@@ -187,6 +187,7 @@ def _train(model_dir, train_data, *bindings):
                 "--gin.QUERY_LENGTH=16", "--gin.PASSAGE_LENGTH=32", *bindings)
 
 
+@pytest.mark.slow
 def test_train_mine_train(tmp_path):
     with open(smoke_path("train.jsonl"), encoding="utf-8") as f:
         lines = [next(f) for _ in range(48)]

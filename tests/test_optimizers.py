@@ -231,15 +231,21 @@ def test_stacked_params_train_as_their_layers_one_by_one():
     assert stacked_state[0].v_row["wide"].shape == (3, 4)  # mean over vocab (40)
 
 
-def test_logical_axes_are_set_once_per_optimizer():
-    optimizer = optimizers.make_optimizer(total_steps=10)
-    optimizers.set_logical_axes(optimizer, {"w": P("layers", "embed")})
-    optimizers.set_logical_axes(optimizer, {"w": P("layers", "embed")})  # the same: fine
-    with pytest.raises(ValueError, match="one optimiser per model"):
-        optimizers.set_logical_axes(optimizer, {"w": P(None, "embed")})
+def test_a_model_with_layers_needs_an_optimizer_built_with_its_axes():
+    """The optimiser is built once with the model's axes and never changed; a scanned model
+    refuses one built without them (its statistics would mix the layers)."""
+    scanned = {"w": P("layers", "embed")}
+    optimizer = optimizers.make_optimizer(total_steps=10, logical_axes=scanned)
+    optimizers.check_logical_axes(optimizer, scanned)  # built with them: fine
+    for other in (optimizers.make_optimizer(total_steps=10),
+                  optimizers.make_optimizer(total_steps=10, logical_axes={"w": P(None, "embed")})):
+        with pytest.raises(ValueError, match="built without this model's logical axes"):
+            optimizers.check_logical_axes(other, scanned)
+    optimizers.check_logical_axes(optimizers.make_optimizer(total_steps=10),
+                                  {"w": P(None, "embed")})  # no layers axis: nothing to mix
+    optimizers.check_logical_axes(optax.adam(1e-3), scanned)  # not ours: not checked
     with pytest.raises(ValueError, match="logical_axes do not match the parameters"):
         optimizer.init({"v": jnp.zeros((2, 3))})
-    optimizers.set_logical_axes(optax.adam(1e-3), {"w": P("layers")})  # not ours: left alone
 
 
 # Scanned and unrolled tiny dual encoders, several steps, from the same initial parameters.
@@ -269,11 +275,12 @@ def train_tiny(scan_layers, remat_policy, mesh_shape, rules_name, init_params=No
     model = dual_encoder.DualEncoder(config, "ade_spl", projection_dim=16)
     # min_dim_size_to_factor=2 factors every matrix, and would factor the [layers, embed]
     # norm scales across layers if 'layers' were a weight axis.
-    optimizer = optimizers.make_optimizer(learning_rate=1e-2, total_steps=10,
-                                          min_dim_size_to_factor=2)
     devices = jax.devices()[:1] if mesh_shape == (1, 1) else None
     mesh = partitioning.make_mesh(mesh_shape, devices=devices)
     rules = partitioning.logical_axis_rules(rules_name)
+    optimizer = optimizers.make_optimizer(
+        learning_rate=1e-2, total_steps=10, min_dim_size_to_factor=2,
+        logical_axes=train_step_lib.param_logical_specs(model, tiny_batch(0), mesh, rules))
     state, shardings = train_step_lib.init_train_state(model, optimizer, tiny_batch(0), mesh, rules,
                                                        init_params=init_params)
     initial_params = jax.device_get(state.params)
@@ -313,6 +320,7 @@ def unrolled_on_one_device(remat_policy):
 
 @pytest.mark.parametrize("mesh_shape, rules_name", [((1, 1), "data"), ((2, 4), "fsdp_model")])
 @pytest.mark.parametrize("remat_policy", ["none", "full"])
+@pytest.mark.slow
 def test_scanned_layers_train_as_unrolled_ones(remat_policy, mesh_shape, rules_name):
     """The scanned model, on one device or sharded, against the unrolled one on one device."""
     initial, unrolled = unrolled_on_one_device(remat_policy)

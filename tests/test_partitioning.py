@@ -187,13 +187,16 @@ def test_unknown_logical_axis_and_unknown_mesh_axis_are_errors():
 # abstract shapes only, so no parameter is ever allocated.
 
 
+@pytest.mark.slow
 def test_base_size_train_step_compiles_ahead_of_time_on_8_devices():
     config = t5.t5_1_1_config("base", scan_layers=True, remat_policy="full", dtype=jnp.bfloat16)
     model = dual_encoder.DualEncoder(config, "ade_spl", projection_dim=768)
     batch = example_batch(batch_size=32, query_length=32, passage_length=128, num_negatives=1)
     mesh = partitioning.make_mesh((4, 2))
     rules = partitioning.logical_axis_rules("data_model")
-    optimizer = optimizers.make_optimizer(total_steps=1000)
+    optimizer = optimizers.make_optimizer(
+        total_steps=1000,
+        logical_axes=train_step_lib.param_logical_specs(model, batch, mesh, rules))
     started = time.monotonic()
     abstract_state, state_shardings = train_step_lib.train_state_shardings(
         model, optimizer, batch, mesh, rules)

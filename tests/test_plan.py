@@ -69,11 +69,14 @@ def _plan(model, mesh_shape, rules_name, **kwargs):
     devices = jax.devices()[:math.prod(mesh_shape)]
     mesh = partitioning.make_mesh(mesh_shape, devices=devices)
     batch = plan.example_batch(BATCH, QUERY_LENGTH, PASSAGE_LENGTH)
-    optimizer = optimizers.make_optimizer(total_steps=10)
-    return plan.plan_train_step(model, optimizer, LOSS_FN, mesh,
-                                partitioning.logical_axis_rules(rules_name), batch, **kwargs)
+    rules = partitioning.logical_axis_rules(rules_name)
+    optimizer = optimizers.make_optimizer(
+        total_steps=10,
+        logical_axes=train_step_lib.param_logical_specs(model, batch, mesh, rules))
+    return plan.plan_train_step(model, optimizer, LOSS_FN, mesh, rules, batch, **kwargs)
 
 
+@pytest.mark.slow
 def test_plan_counts_each_devices_bytes_and_agrees_with_xla_flops():
     model = _model()
     single = _plan(model, (1, 1), "data", device_memory_bytes=1 << 30)
@@ -98,6 +101,7 @@ def test_plan_counts_each_devices_bytes_and_agrees_with_xla_flops():
     assert single.flops == pytest.approx(xla_flops, rel=0.25)
 
 
+@pytest.mark.slow
 def test_remat_and_microbatches_count_their_recomputation():
     base = plan.train_step_flops(_model(), BATCH, QUERY_LENGTH, PASSAGE_LENGTH)
     remat = _plan(_model(remat_policy="full", scan_layers=True), (1, 1), "data", microbatches=2)
@@ -105,6 +109,7 @@ def test_remat_and_microbatches_count_their_recomputation():
     assert remat.executed_flops == pytest.approx(base * 5 / 3)
 
 
+@pytest.mark.slow
 def test_command_line_json(tmp_path):
     env = {**os.environ, "XLA_FLAGS": ""}
     result = subprocess.run(

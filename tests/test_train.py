@@ -82,6 +82,7 @@ def _interrupting_factory(batches, **options):
     return factory
 
 
+@pytest.mark.slow
 def test_resume_after_a_crash_reaches_the_uninterrupted_params(tmp_path):
     reference = _train(tmp_path / "reference")
     assert reference.step == 6 and not reference.preempted
@@ -97,6 +98,7 @@ def test_resume_after_a_crash_reaches_the_uninterrupted_params(tmp_path):
     assert int(resumed.state.step) == 6
 
 
+@pytest.mark.slow
 def test_packed_run_resumes_exactly_and_a_rerun_compiles_nothing(tmp_path):
     """pack=True end to end (the step sees several shapes); the resumed call finds its
     compiled steps in the persistent compilation cache under model_dir."""
@@ -128,6 +130,7 @@ def _nan_loss(query, passage):
     return jnp.mean(query * passage) * jnp.nan
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
     _train(tmp_path, steps=2)
     with pytest.raises(train_lib.NonFiniteLossError, match="at step 3"):
@@ -191,10 +194,11 @@ def test_every_config_parses_and_builds(config, clean_gin, monkeypatch, tmp_path
     model = gin.get_configurable("dual_encoder")()
     mesh = gin.get_configurable("make_mesh")()
     rules = gin.get_configurable("logical_axis_rules")()
-    optimizer = gin.get_configurable("make_optimizer")(total_steps=10)
     loss = gin.query_parameter("train.loss").scoped_configurable_fn
     batch = {"query_tokens": np.zeros((mesh.shape["data"], 8), np.int32),
              "passage_tokens": np.zeros((mesh.shape["data"], 8), np.int32)}
+    optimizer = gin.get_configurable("make_optimizer")(
+        total_steps=10, logical_axes=train_step_lib.param_logical_specs(model, batch, mesh, rules))
     abstract, shardings = train_step_lib.train_state_shardings(model, optimizer, batch, mesh, rules)
     assert jax.tree.structure(abstract.params) == jax.tree.structure(shardings.params)
     assert callable(loss)
@@ -303,6 +307,7 @@ def smoke_run(tmp_path_factory):
     return model_dir, completed
 
 
+@pytest.mark.slow
 def test_smoke_config_end_to_end_without_tensorflow(smoke_run):
     model_dir, completed = smoke_run
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -316,6 +321,7 @@ def test_smoke_config_end_to_end_without_tensorflow(smoke_run):
     assert "dual_encoder.architecture = 'ade_spl'" in (model_dir / "config.gin").read_text()
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_the_rerun_matches_the_uninterrupted_run(smoke_run, tmp_path):
     reference_dir, reference = smoke_run
     assert reference.returncode == 0, reference.stderr[-3000:]

@@ -10,27 +10,30 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUERY_LENGTH, PASSAGE_LENGTH = 16, 32
 
 
-def run_command(module, *args):
-    """`python -m samtone.cli.<module> ARGS` on one CPU device, without SAMTONE_TRACEBACK, so
-    user errors show as users see them; returns the CompletedProcess (never raises)."""
+def run_argv(argv, *, cwd=REPO, timeout=300):
+    """Runs `argv` on one CPU device, as a user's laptop has (the sharded paths have their own
+    tests), without SAMTONE_TRACEBACK, so user errors show as users see them; returns the
+    CompletedProcess (never raises on a failure status)."""
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
     env.pop("SAMTONE_TRACEBACK", None)
-    return subprocess.run([sys.executable, "-m", f"samtone.cli.{module}", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300, check=False, env=env)
+    return subprocess.run(list(argv), cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          check=False, env=env)
+
+
+def run_command(module, *args):
+    """`python -m samtone.cli.<module> ARGS` from the repository (see run_argv)."""
+    return run_argv([sys.executable, "-m", f"samtone.cli.{module}", *args])
 
 
 def train_tiny_run(model_dir, *gin_args, steps=2):
     """samtone-train with configs/smoke.gin (tiny ADE-SPL, 64-d, vocab 1000) for `steps`
     steps of 8 pairs, a checkpoint after each; returns model_dir."""
-    # One CPU device: compiles twice as fast as 8; the sharded paths have their own tests.
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run(
-        [sys.executable, "-m", "samtone.cli.train", "--gin_file=configs/smoke.gin",
-         f"--gin.MODEL_DIR='{model_dir}'", "--gin.EVAL_DATA=None", f"--gin.TRAIN_STEPS={steps}",
-         "--gin.BATCH_SIZE=8", f"--gin.QUERY_LENGTH={QUERY_LENGTH}",
-         f"--gin.PASSAGE_LENGTH={PASSAGE_LENGTH}", "--gin.train.checkpoint_every=1",
-         "--gin.train.keep_checkpoints=None", *gin_args],
-        cwd=REPO, capture_output=True, text=True, timeout=300, check=False, env=env)
+    # One CPU device: compiles twice as fast as 8.
+    result = run_command(
+        "train", "--gin_file=configs/smoke.gin", f"--gin.MODEL_DIR='{model_dir}'",
+        "--gin.EVAL_DATA=None", f"--gin.TRAIN_STEPS={steps}", "--gin.BATCH_SIZE=8",
+        f"--gin.QUERY_LENGTH={QUERY_LENGTH}", f"--gin.PASSAGE_LENGTH={PASSAGE_LENGTH}",
+        "--gin.train.checkpoint_every=1", "--gin.train.keep_checkpoints=None", *gin_args)
     assert result.returncode == 0, result.stderr[-3000:]
     return model_dir
 

@@ -51,10 +51,10 @@ from samtone import run_manifest
 from samtone.checkpoints import hf
 from samtone.checkpoints import manager as checkpoint_lib
 from samtone.checkpoints import t5x
-from samtone.data.tokenizer import Tokenizer
 from samtone.errors import CheckpointError, ConfigError, MissingFileError
 from samtone.models import dual_encoder
 from samtone.models import t5
+from samtone.vocabulary import check_fits_embedding
 
 HF_VOCABULARY_FILE = "spiece.model"  # where a Hugging Face T5 folder keeps its SentencePiece
 DEFAULT_QUERY_LENGTH, DEFAULT_PASSAGE_LENGTH = 64, 256
@@ -105,7 +105,9 @@ def convert(source_path: str | os.PathLike, output_dir: str | os.PathLike, *,
     source = open_source(source_path, size=size)
     vocabulary = os.fspath(vocabulary) if vocabulary is not None else source.vocabulary
     if vocabulary is not None:
-        _check_vocabulary(vocabulary, source.config)
+        check_fits_embedding(vocabulary, source.config.vocab_size,
+                             name=f"--vocabulary={vocabulary}",
+                             embedding="the checkpoint's embedding")
     projection_dim = source.config.d_model  # the identity, for a plain encoder
     if source.has_projection:
         shape, read = source.arrays[("projection", "kernel")]
@@ -291,13 +293,3 @@ def _check_same_sizes(found: t5.T5Config, expected: t5.T5Config, found_where: st
     if different:
         raise CheckpointError(f"{found_where} does not match {expected_where}: "
                               + ", ".join(different))
-
-
-def _check_vocabulary(vocabulary: str, config: t5.T5Config) -> None:
-    try:
-        tokenizer = Tokenizer(vocabulary)
-    except ValueError as error:
-        raise ConfigError(f"--vocabulary={vocabulary}: {error}") from error
-    if tokenizer.vocab_size > config.vocab_size:
-        raise ConfigError(f"--vocabulary={vocabulary} has {tokenizer.vocab_size} pieces but the "
-                          f"checkpoint's embedding has {config.vocab_size} rows")

@@ -3,7 +3,7 @@
     samtone-export --model_dir=runs/base --output=exports/base \
         [--format=jax|sentence_transformers|saved_model] [--step=N] [--overwrite]
 
-(`--export_dir` is the former name of `--output`.) samtone.export describes the formats.
+samtone.export describes the formats.
 """
 from __future__ import annotations
 
@@ -30,7 +30,6 @@ def define_flags() -> None:
     flags.DEFINE_string("model_dir", None, "MODEL_DIR of a samtone-train run or a "
                         "samtone-convert output (model.json and checkpoints/).", required=True)
     flags.DEFINE_string("output", None, "Folder to write (local path).", required=True)
-    flags.DEFINE_alias("export_dir", "output")
     flags.DEFINE_enum("format", "jax", list(export.FORMATS),
                       "jax: safetensors + StableHLO; sentence_transformers: a folder "
                       "SentenceTransformer() loads; saved_model: a TF SavedModel (strings in).")

@@ -2,9 +2,10 @@
 
 Config files are looked up on the search path: the current folder, any `--gin_search_paths`,
 then the folder holding samtone's gin/ and configs/ (the repository root for a source checkout
-or an editable install, `<prefix>/share/samtone` otherwise). Bindings given on the command
-line are checked before they apply: a macro that no file defines (`--gin.TRAIN_DAT=...`) is an
-error naming the nearest known macros, never a silently unused setting. Gin's own errors
+or an editable install, the installed package's samtone/_resources otherwise). Bindings given
+on the command line are checked before they apply: a macro that no file defines
+(`--gin.TRAIN_DAT=...`) is an error naming the nearest known macros, never a silently unused
+setting. Gin's own errors
 (unknown configurable or parameter, syntax, a missing `%gin.REQUIRED`) become ConfigErrors:
 a syntax error names the file and line (`file.gin:2: unclosed '('`), an error in a command-line
 binding names the flag (`--gin.MODEL_DIR=/tmp/x: ...`), and a bare word where Gin expects a
@@ -18,28 +19,51 @@ import io
 import os
 import pathlib
 import re
-import site
-import sys
-import sysconfig
 import tokenize
 from typing import Any, Iterator, Sequence
 
 import gin
+from absl import flags
 
 from samtone.errors import ConfigError
 
 _BINDING = re.compile(r"^\s*([A-Za-z_][\w./]*)\s*=(.*)$", re.DOTALL)
 
 
+def define_gin_flags(default_file: str | None = None) -> None:
+    """Defines --gin_file, --gin_bindings and --gin_search_paths for a command.
+
+    Without `default_file`, --gin_file is required; with it, the flag's value stays None when
+    not given and the command reads `FLAGS.gin_file or [default_file]`.
+    """
+    # The flags belong to the command that calls this (its --help lists them), not to us.
+    flags.disclaim_key_flags()
+    default = f"default {default_file}" if default_file else "required"
+    flags.DEFINE_multi_string("gin_file", None, f"Gin config files of the run ({default}); "
+                              "later files override earlier ones.",
+                              required=default_file is None)
+    flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, applied after the files; "
+                              "--gin.NAME=VALUE is the same as --gin_bindings='NAME = VALUE'.")
+    flags.DEFINE_list("gin_search_paths", [], "Extra folders where Gin files and their "
+                      "includes are looked up (the current folder and samtone's own are always "
+                      "searched).")
+
+
+_PACKAGE = pathlib.Path(__file__).resolve().parents[1]  # samtone/
+
+
 def resources_dir() -> pathlib.Path | None:
-    """The folder holding gin/ and configs/: repo root (source, editable) or installed data."""
-    candidates = [pathlib.Path(__file__).resolve().parents[2]]
-    for prefix in (sysconfig.get_path("data"), sys.prefix, site.getuserbase()):
-        candidates.append(pathlib.Path(prefix) / "share" / "samtone")
-    for candidate in candidates:
-        if (candidate / "gin").is_dir() and (candidate / "configs").is_dir():
-            return candidate
-    return None
+    """The folder holding samtone's gin/ and configs/.
+
+    The repository root for a source checkout or an editable install (gin/ and configs/ next
+    to the samtone package), else the copies a wheel installs into the package
+    (samtone/_resources, see setup.py); None if neither is there.
+    """
+    checkout, installed = _PACKAGE.parent, _PACKAGE / "_resources"
+    # gin/models, not just gin/: site-packages has a gin/ of its own (gin-config).
+    if (checkout / "gin" / "models").is_dir() and (checkout / "configs").is_dir():
+        return checkout
+    return installed if (installed / "configs").is_dir() else None
 
 
 def search_paths(extra: Sequence[str] = ()) -> list[str]:

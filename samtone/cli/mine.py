@@ -35,7 +35,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the newest).")
     flags.DEFINE_integer("batch_size", 128, "Texts encoded at once (a multiple of the data "
                          "axis).", lower_bound=1)
-    flags.DEFINE_integer("block_size", None, "Queries scored at once (default: samtone.search's "
+    flags.DEFINE_integer("chunk_size", None, "Queries scored at once (default: samtone.search's "
                          "chunk, ~2^26 scores per device).", lower_bound=1)
     flags.DEFINE_bool("approximate", False, "Approximate top-k (jax.lax.approx_max_k) for "
                       "corpora of millions; exact otherwise.")
@@ -59,7 +59,7 @@ def main(argv: Sequence[str]) -> None:
     stats = mine.mine_training_file(
         common.absolute_path(FLAGS.model_dir), train_data, output, k=FLAGS.k,
         margin=FLAGS.margin, corpus=corpus, step=FLAGS.step, batch_size=FLAGS.batch_size,
-        block_size=FLAGS.block_size, approximate=FLAGS.approximate,
+        chunk_size=FLAGS.chunk_size, approximate=FLAGS.approximate,
         recall_target=FLAGS.recall_target, overwrite=FLAGS.overwrite)
     print(f"samtone-mine: {stats.written} of {stats.examples} examples with {FLAGS.k} negatives "
           f"each ({stats.dropped} dropped: too few candidates), corpus of {stats.corpus_size} "

@@ -35,10 +35,7 @@ _PLACEHOLDERS = {"MODEL_DIR": "'/tmp/samtone-plan'", "TRAIN_DATA": "'unused.json
 
 
 def define_flags() -> None:
-    flags.DEFINE_multi_string("gin_file", None, "Gin config files of the run.", required=True)
-    flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings after the files "
-                              "(--gin.NAME=VALUE is the same).")
-    flags.DEFINE_list("gin_search_paths", [], "Extra folders for Gin files and includes.")
+    gin_parsing.define_gin_flags()
     flags.DEFINE_integer("devices", DEFAULT_DEVICES, "Devices to plan for (fake CPU devices).",
                          lower_bound=1)
     flags.DEFINE_float("device_memory_gib", None, "Memory of one device in GiB (16: v5e, 32: "
@@ -63,7 +60,8 @@ def _fake_devices(argv: Sequence[str]) -> None:
 
 
 def _gib(value: int) -> str:
-    return f"{value / (1 << 30):9.3f} GiB"
+    from samtone import plan  # pylint: disable=import-outside-toplevel  (main imported it)
+    return f"{value / plan.GIB:9.3f} GiB"
 
 
 def main(argv: Sequence[str]) -> None:
@@ -84,15 +82,16 @@ def main(argv: Sequence[str]) -> None:
     mesh = setting("train.mesh", None) or gin.get_configurable("make_mesh")()
     rules = setting("train.logical_axis_rules", "data")
     rules = partitioning.logical_axis_rules(rules) if isinstance(rules, str) else rules
-    optimizer = gin.get_configurable("make_optimizer")(
-        total_steps=setting("train.num_train_steps"))
     loss_fn = train_step.make_loss_fn(setting("train.loss"), setting("train.loss_inputs", None))
     batch = plan.example_batch(setting("train.global_batch_size"),
                                setting("train.query_length", 64),
                                setting("train.passage_length", 256),
                                setting("make_batch_iterator.num_negatives", 0))
+    optimizer = gin.get_configurable("make_optimizer")(
+        total_steps=setting("train.num_train_steps"),
+        logical_axes=train_step.param_logical_specs(model, batch, mesh, rules))
     memory = (None if FLAGS.device_memory_gib is None
-              else int(FLAGS.device_memory_gib * (1 << 30)))
+              else int(FLAGS.device_memory_gib * plan.GIB))
     microbatches = setting("train.microbatches", 1)
     result = plan.plan_train_step(model, optimizer, loss_fn, mesh, rules, batch,
                                   microbatches=microbatches, device_memory_bytes=memory)

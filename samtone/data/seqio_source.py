@@ -39,6 +39,7 @@ from absl import logging
 
 from samtone.data.pipeline import check_saved_state, stable_id
 from samtone.errors import ConfigError
+from samtone.vocabulary import same_vocabulary
 
 QUERY, PASSAGE, NEGATIVES = "query", "passage", "negatives"
 PAD_ID, EOS_ID = 0, 1
@@ -333,12 +334,8 @@ def check_same_vocabulary(task, spm_model_path: str) -> None:
     if task_path is None:
         raise ValueError(f"seqio task {task.name!r} does not use a SentencePieceVocabulary "
                          f"({type(vocabulary).__name__}); samtone needs SentencePiece ids")
-    if task_path == spm_model_path:
+    if same_vocabulary(task_path, spm_model_path):
         return
-    with tf.io.gfile.GFile(task_path, "rb") as f_task, \
-            tf.io.gfile.GFile(spm_model_path, "rb") as f_train:
-        if f_task.read() == f_train.read():
-            return
     raise ValueError(
         f"seqio task {task.name!r} tokenises with {task_path!r} but the training vocabulary "
         f"(gin: train.vocabulary) is {spm_model_path!r}, a different SentencePiece model; "

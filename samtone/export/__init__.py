@@ -32,7 +32,6 @@ from etils import epath
 from samtone import output_folder
 from samtone import run_dir
 from samtone import run_manifest
-from samtone.data.tokenizer import Tokenizer
 from samtone.errors import ConfigError
 from samtone.export import manifest as manifest_lib
 from samtone.export import params as params_lib
@@ -40,6 +39,7 @@ from samtone.export import saved_model
 from samtone.export import sentence_transformers
 from samtone.export import stablehlo
 from samtone.models import dual_encoder
+from samtone.vocabulary import check_fits_embedding
 
 FORMATS = manifest_lib.FORMATS
 DEFAULT_PLATFORMS = stablehlo.DEFAULT_PLATFORMS
@@ -113,7 +113,8 @@ def write_export(output_dir: str | os.PathLike, *, model: dual_encoder.DualEncod
         vocabulary_file = os.path.join(folder, manifest_lib.VOCABULARY_FILE)
         with open(vocabulary_file, "wb") as f:
             f.write(epath.Path(vocabulary).read_bytes())
-        pieces = _check_vocabulary(vocabulary_file, vocabulary, serving_model)
+        pieces = check_fits_embedding(vocabulary_file, serving_model.config.vocab_size,
+                                      name=f"vocabulary {vocabulary}")
         lengths = {"query_length": query_length, "passage_length": passage_length}
         if format == "jax":
             format_fields = stablehlo.write_files(
@@ -158,15 +159,3 @@ def _require_vocabulary(vocabulary: Any) -> None:
     if not vocabulary:
         raise ConfigError("the model has no vocabulary (spm.model): it was converted without "
                           "one; run samtone-convert again with --vocabulary=SPM_MODEL")
-
-
-def _check_vocabulary(local_file: str, vocabulary: Any, model: dual_encoder.DualEncoder) -> int:
-    """The number of pieces of the vocabulary (`local_file`, a copy of `vocabulary`)."""
-    try:
-        tokenizer = Tokenizer(local_file)
-    except ValueError as error:
-        raise ConfigError(f"vocabulary {vocabulary}: {error}") from error
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ConfigError(f"vocabulary {vocabulary} has {tokenizer.vocab_size} pieces but the "
-                          f"model's embedding has vocab_size={model.config.vocab_size} rows")
-    return tokenizer.vocab_size
