@@ -167,7 +167,7 @@ def train(
             vocabulary=vocabulary, logical_axis_rules=logical_axis_rules,
             model_parallel=dict(mesh.shape).get("model", 1))
         saved_steps = checkpoint_lib.checkpoint_steps(run.checkpoints)
-        if saved_steps:
+        if saved_steps:  # the recorded model first: its message names Gin settings
             _check_resumable(run, manifest, saved_steps[-1], num_train_steps)
 
         grad_cache.check_microbatches(microbatches, global_batch_size,
@@ -186,6 +186,11 @@ def train(
         optimizer = _make_optimizer(optimizer_factory, num_train_steps,
                                     train_step_lib.param_logical_specs(
                                         model, example_batch, mesh, rules, seed=seed))
+        if saved_steps:  # the checkpoint's own tree: another optimiser, or no model.json
+            shapes, state_shardings = train_step_lib.train_state_shardings(
+                model, optimizer, example_batch, mesh, rules, seed=seed)
+            target = checkpoint_lib.abstract_state(shapes, state_shardings)
+            checkpoint_lib.check_fits(run.checkpoints, saved_steps[-1], target)
         # Shardings depend on each array's rank only, so they serve every bucket's shapes.
         batch_shardings = partitioning.batch_shardings(
             {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in example_batch.items()},
@@ -203,8 +208,7 @@ def train(
         if saved_steps:
             manager = checkpoint_lib.make_checkpoint_manager(run.checkpoints,
                                                              keep=keep_checkpoints)
-            state, state_shardings = _resumed_state(model, optimizer, example_batch, mesh,
-                                                    rules, seed, manager, iterator)
+            state = _resumed_state(manager, target, iterator)
         else:
             if init_checkpoint:
                 pretrained.checkpoint_kind(init_checkpoint)  # a wrong path fails at once
@@ -495,20 +499,17 @@ def _device_batch(host_batch: dict[str, np.ndarray], shardings) -> dict[str, jax
             for name, value in host_batch.items()}
 
 
-def _resumed_state(model, optimizer, example_batch, mesh, rules, seed, manager, iterator):
-    """The newest checkpoint that restores, on the current mesh; the iterator set to its
-    position. A checkpoint of another model or optimiser raises ChangedConfigError."""
-    shapes, shardings = train_step_lib.train_state_shardings(
-        model, optimizer, example_batch, mesh, rules, seed=seed)
-    restored = checkpoint_lib.restore_checkpoint(
-        manager, checkpoint_lib.abstract_state(shapes, shardings),
-        newest=_agreed_latest_step(manager))
+def _resumed_state(manager, target, iterator):
+    """The newest checkpoint that restores onto `target` (the current mesh's shardings); the
+    iterator set to its position. Another model's checkpoint raises ChangedConfigError."""
+    restored = checkpoint_lib.restore_checkpoint(manager, target,
+                                                 newest=_agreed_latest_step(manager))
     if restored is None:
         raise CheckpointError(f"no checkpoint in {manager.directory} could be read")
     state, data_state, step = restored
     iterator.set_state(data_state["iterator"])
     logging.info("resumed from step %d of %s", step, manager.directory)
-    return state, shardings
+    return state
 
 
 def _fresh_state(model, optimizer, example_batch, mesh, rules, seed, init_checkpoint):

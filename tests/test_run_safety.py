@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -19,16 +18,13 @@ import pytest
 
 from samtone import losses
 from samtone import optimizers
-from samtone import partitioning
 from samtone import run_dir
-from samtone import train as train_lib
 from samtone.checkpoints import layout
 from samtone.checkpoints import manager as checkpoint_lib
-from samtone.data import smoke_path
 from samtone.errors import CheckpointError, ConfigError, OutputExistsError
 from samtone.models import dual_encoder
 from samtone.models import t5
-from tiny_runs import REPO, run_command, train_tiny_run
+from tiny_runs import REPO, run_command, train_in_process, train_tiny_run
 
 
 def _digest(folder) -> dict[str, str]:
@@ -69,6 +65,7 @@ def base_run(tmp_path_factory):
     (["--gin.TRAIN_STEPS=1"], "holds step 2, beyond TRAIN_STEPS (train.num_train_steps) = 1"),
     (["--gin.VOCABULARY='/nope/spm.model'"], "/nope/spm.model"),
 ])
+@pytest.mark.slow
 def test_a_refused_resume_leaves_the_run_byte_identical(base_run, args, named):
     before = _digest(base_run)
     result = _train_command(f"--gin.MODEL_DIR='{base_run}'", "--gin.TRAIN_STEPS=2", *args)
@@ -90,6 +87,7 @@ def test_a_failed_start_creates_no_model_dir(tmp_path, binding, named):
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.slow
 def test_the_tree_of_another_model_is_a_changed_config_not_damage(base_run, tmp_path):
     """Without model.json to compare, the checkpoint's own tree tells the change."""
     copy = tmp_path / "copy"
@@ -108,6 +106,7 @@ def test_the_tree_of_another_model_is_a_changed_config_not_damage(base_run, tmp_
 # config.gin replays; MODEL_DIR that cannot be a folder; the lock.
 
 
+@pytest.mark.slow
 def test_replaying_config_gin_with_a_new_model_dir_starts_a_new_run(base_run, tmp_path):
     config = pathlib.Path(base_run, "config.gin").read_text()
     assert "train.model_dir = %MODEL_DIR" in config and f"MODEL_DIR = '{base_run}'" in config
@@ -142,6 +141,7 @@ def test_check_writable_refuses_a_read_only_parent(tmp_path):
         tmp_path.chmod(0o700)
 
 
+@pytest.mark.slow
 def test_a_second_trainer_is_refused_naming_the_holder(base_run):
     lock = pathlib.Path(base_run, ".lock")
     lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
@@ -176,6 +176,7 @@ def test_the_lock_of_a_dead_process_is_taken_over_and_another_hosts_is_not(tmp_p
         run_dir.RunLock(run).acquire()
 
 
+@pytest.mark.slow
 def test_outputs_never_replace_or_hold_an_input_or_a_runs_state(base_run, tmp_path):
     inputs = [("--model_dir", base_run)]
     for output in (base_run, pathlib.Path(base_run).parent, pathlib.Path(base_run) / "checkpoints"
@@ -190,6 +191,7 @@ def test_outputs_never_replace_or_hold_an_input_or_a_runs_state(base_run, tmp_pa
 # Ctrl-C and a full disk.
 
 
+@pytest.mark.slow
 def test_ctrl_c_checkpoints_the_current_step_and_exits_130(tmp_path):
     model_dir = tmp_path / "run"
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
@@ -223,18 +225,11 @@ def _model(scan_layers=False, projection_dim=16):
 
 
 def _train(model_dir, *, steps, **overrides):
-    kwargs = dict(
-        model_dir=str(model_dir), model=_model(),
-        loss=functools.partial(losses.samtone_loss, temperature=0.05),
-        train_data=smoke_path("train.jsonl"), vocabulary=smoke_path("spm.model"),
-        global_batch_size=16, num_train_steps=steps, query_length=16, passage_length=32,
-        log_every=2, checkpoint_every=2, keep_checkpoints=None,
-        # One device compiles fastest; read_params below reads onto all 8 devices.
-        mesh=partitioning.make_mesh(devices=jax.devices()[:1]))
-    kwargs.update(overrides)
-    return train_lib.train(**kwargs)
+    return train_in_process(model_dir, model=overrides.pop("model", _model()), steps=steps,
+                            **overrides)
 
 
+@pytest.mark.slow
 def test_a_full_disk_names_the_folder_and_the_intact_checkpoint(tmp_path, monkeypatch):
     save = checkpoint_lib.save_checkpoint
 
@@ -272,6 +267,7 @@ _LAYOUT_RUN = dict(loss=functools.partial(losses.samtone_loss, temperature=1.0),
 
 @pytest.mark.parametrize("first, then", [(False, True), (True, False)],
                          ids=["unrolled-then-scanned", "scanned-then-unrolled"])
+@pytest.mark.slow
 def test_a_run_resumes_in_the_other_layer_layout(tmp_path, first, then):
     """Resumed in the other layout, a run ends where its resume in the same layout does."""
     _train(tmp_path / "same", steps=2, model=_model(scan_layers=first), **_LAYOUT_RUN)

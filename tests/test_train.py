@@ -16,7 +16,6 @@ import pytest
 
 from samtone.cli import gin_parsing
 from samtone.cli import gin_registry  # noqa: F401  (registers the Gin names)
-from samtone import losses
 from samtone import optimizers
 from samtone import partitioning
 from samtone import train as train_lib
@@ -24,9 +23,9 @@ from samtone import train_step as train_step_lib
 from samtone.preemption import PREEMPTED_EXIT_CODE
 from samtone.checkpoints.manager import read_checkpoint
 from samtone.data import pipeline
-from samtone.data import smoke_path
 from samtone.models import dual_encoder
 from samtone.models import t5
+from tiny_runs import train_in_process
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.gin"))
@@ -39,16 +38,8 @@ def _model(dropout_rate=0.1):
 
 def _train(model_dir, *, steps=6, **overrides):
     """A tiny run on the smoke data; dropout on, so resuming must also restore the rng."""
-    kwargs = dict(
-        model_dir=str(model_dir), model=_model(),
-        loss=functools.partial(losses.samtone_loss, temperature=0.05),
-        train_data=smoke_path("train.jsonl"), vocabulary=smoke_path("spm.model"),
-        global_batch_size=16, num_train_steps=steps, query_length=16, passage_length=32,
-        log_every=2, checkpoint_every=2, keep_checkpoints=None,
-        # One device compiles fastest; sharded steps and restores have their own tests.
-        mesh=partitioning.make_mesh(devices=jax.devices()[:1]))
-    kwargs.update(overrides)
-    return train_lib.train(**kwargs)
+    return train_in_process(model_dir, model=overrides.pop("model", _model()), steps=steps,
+                            **overrides)
 
 
 def _assert_trees_equal(a, b):
@@ -139,6 +130,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_
     assert manager.all_steps() == [2]
 
 
+@pytest.mark.slow
 def test_skip_nonfinite_leaves_the_params_untouched(tmp_path):
     result = _train(tmp_path, steps=2, loss=_nan_loss, skip_nonfinite=True)
     assert result.step == 2
@@ -156,6 +148,7 @@ def test_vocabulary_larger_than_the_embedding_is_an_error(tmp_path):
         _train(tmp_path, model=small)
 
 
+@pytest.mark.slow
 def test_init_from_a_hugging_face_checkpoint(tmp_path):
     transformers = pytest.importorskip("transformers")
     hf_config = transformers.T5Config(vocab_size=1000, d_model=32, d_kv=8, d_ff=64, num_layers=2,

@@ -47,3 +47,26 @@ def smoke_model(**config_overrides):
 def smoke_texts(count=11):
     examples = files.read_examples(smoke_path("eval.jsonl"))[:count]
     return [e.query for e in examples], [e.passage for e in examples]
+
+
+def train_in_process(model_dir, *, model, steps=6, **overrides):
+    """samtone.train.train of `model` on the smoke data in this process: batch 16, lengths
+    16/32, SamToNe at t = 0.05, a checkpoint every 2 steps (all kept), one device (it compiles
+    fastest; the sharded paths have their own tests). `overrides` replace any argument."""
+    # pylint: disable=import-outside-toplevel  (jax after conftest set the device count)
+    import functools
+
+    import jax
+
+    from samtone import losses, partitioning
+    from samtone import train as train_lib
+
+    kwargs = dict(
+        model_dir=str(model_dir), model=model,
+        loss=functools.partial(losses.samtone_loss, temperature=0.05),
+        train_data=smoke_path("train.jsonl"), vocabulary=smoke_path("spm.model"),
+        global_batch_size=16, num_train_steps=steps, query_length=16, passage_length=32,
+        log_every=2, checkpoint_every=2, keep_checkpoints=None,
+        mesh=partitioning.make_mesh(devices=jax.devices()[:1]))
+    kwargs.update(overrides)
+    return train_lib.train(**kwargs)

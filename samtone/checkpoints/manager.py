@@ -106,16 +106,32 @@ def restore_checkpoint(manager: ocp.CheckpointManager, target: Any, *,
     return None
 
 
+def check_fits(directory: str | os.PathLike, step: int, target: Any) -> None:
+    """Refuses a step whose tree is another model's or optimiser's than `target`'s (in either
+    layer layout), naming each differing leaf; reads the step's metadata only. A step whose
+    metadata cannot be read is left to `restore_checkpoint`, which moves it aside."""
+    directory = absolute_directory(directory)
+    try:
+        stored = _stored_leaves(directory, step)
+    except Exception:  # pylint: disable=broad-except  (damage: restore_checkpoint's to handle)
+        return
+    _plan(directory, step, stored, layout.flatten(target)[0])
+
+
+def _plan(directory, step: int, stored: dict, wanted: dict) -> layout.Plan:
+    try:
+        return layout.plan(stored, wanted)
+    except layout.LayoutMismatch as error:
+        raise ChangedConfigError(
+            f"checkpoint step {step} in {directory} holds another model or optimiser "
+            f"than the one configured: {error}") from error
+
+
 def _restore_step(manager: ocp.CheckpointManager, step: int, target: Any) -> tuple[Any, dict]:
     """(state, data_state) of one step on `target`, restacked if it has the other layout."""
     stored = _stored_leaves(manager.directory, step)
     wanted, treedef = layout.flatten(target)
-    try:
-        plan = layout.plan(stored, wanted)
-    except layout.LayoutMismatch as error:
-        raise ChangedConfigError(
-            f"checkpoint step {step} in {manager.directory} holds another model or optimiser "
-            f"than the one configured: {error}") from error
+    plan = _plan(manager.directory, step, stored, wanted)
     if plan.identity:
         item = target
     else:  # read the stored layout, each leaf sharded like the configured leaf it becomes
