@@ -107,10 +107,39 @@ def _clusters(seed=0, count=30, dim=16):
     return queries, passages, [(i, i) for i in range(count)]
 
 
-def _assert_png(path):
+DPI = 150  # samtone.analysis saves every figure at 150 dpi
+# Figure sizes in inches, as samtone.analysis draws them (t-SNE: 6 inches a panel).
+TSNE_SIZE = lambda runs: (6.0 * runs + 0.5, 6.0)
+DISTANCES_SIZE, SIMILARITIES_SIZE = (11.0, 7.5), (7.5, 4.8)
+
+
+def _colour_mask(image, colour):
+    """Pixels drawn in exactly matplotlib's `colour` (the middle of lines and markers)."""
+    from matplotlib.colors import to_rgb  # pylint: disable=import-outside-toplevel
+    return np.all(np.abs(image[..., :3] - np.array(to_rgb(colour))) < 2 / 255, axis=-1)
+
+
+def _assert_png(path, size, panels=(1, 1), colours=(), absent=()):
+    """A decodable PNG of `size` inches at DPI, not blank, and in each of its rows x columns
+    `panels` (equal parts of the image) at least a line's worth of pixels in every one of
+    `colours`; none of `absent` anywhere."""
+    from matplotlib import image as mpimg  # pylint: disable=import-outside-toplevel
     with open(path, "rb") as f:
         assert f.read(8) == PNG_SIGNATURE
-    assert os.path.getsize(path) > 10_000  # axes, points and a legend, not a blank canvas
+    image = mpimg.imread(path)
+    assert image.shape[:2] == (round(size[1] * DPI), round(size[0] * DPI)), image.shape
+    rgb = image[..., :3]
+    distinct = len(np.unique((rgb * 255).round().astype(np.uint8).reshape(-1, 3), axis=0))
+    assert distinct > 20, f"{path}: {distinct} distinct colours"  # text, lines, points
+    assert np.mean(np.any(rgb < 0.9, axis=-1)) > 0.01  # more than a blank canvas
+    rows, columns = panels
+    height, width = image.shape[0] // rows, image.shape[1] // columns
+    for row, column in itertools.product(range(rows), range(columns)):
+        part = image[row * height:(row + 1) * height, column * width:(column + 1) * width]
+        for colour in colours:
+            assert _colour_mask(part, colour).sum() >= 50, (path, (row, column), colour)
+    for colour in absent:
+        assert _colour_mask(image, colour).sum() == 0, (path, colour)
 
 
 def test_similarity_samples_enumerate_every_distinct_pair_when_few():
@@ -168,14 +197,20 @@ def test_plots_are_written(tmp_path):
     runs = _runs()
     points = analysis.tsne_plot(runs, tmp_path / "plots" / "tsne.png")
     assert len(points) == 2 and points[0].shape == (60, 2) and np.all(np.isfinite(points[1]))
-    _assert_png(tmp_path / "plots" / "tsne.png")
+    # Two panels, each with its run's queries and passages.
+    _assert_png(tmp_path / "plots" / "tsne.png", TSNE_SIZE(2), panels=(1, 2),
+                colours=("tab:blue", "tab:orange"))
     distances = analysis.distance_histograms(runs, tmp_path / "distances.png")
-    _assert_png(tmp_path / "distances.png")
+    # Four panels, each with both runs' histograms (RUN_COLOURS: blue, then red).
+    _assert_png(tmp_path / "distances.png", DISTANCES_SIZE, panels=(2, 2),
+                colours=analysis.RUN_COLOURS[:2], absent=analysis.RUN_COLOURS[2:])
     for run, found in zip(runs, distances):
         np.testing.assert_allclose(found["query_true_passage"],
                                    1 - np.sum(_unit(run.queries) * _unit(run.passages), axis=1))
     samples = analysis.similarity_histogram(runs[:1], tmp_path / "similarities.png")
-    _assert_png(tmp_path / "similarities.png")
+    # One run: its colour and no other.
+    _assert_png(tmp_path / "similarities.png", SIMILARITIES_SIZE,
+                colours=analysis.RUN_COLOURS[:1], absent=analysis.RUN_COLOURS[1:])
     assert len(samples[0]["query_query"]) == 30 * 29
 
 
@@ -200,6 +235,7 @@ def run(tmp_path_factory):
     return train_tiny_run(tmp_path_factory.mktemp("run") / "samtone")
 
 
+@pytest.mark.slow
 def test_command_line_compares_two_runs(run, tmp_path):
     other = tmp_path / "softmax"
     shutil.copytree(run, other)  # the machinery, not the model, is under test here
@@ -229,5 +265,27 @@ def test_command_line_compares_two_runs(run, tmp_path):
             assert column[name] == pytest.approx(value, abs=1e-4), name
         top1 = np.argmax(_unit(queries) @ _unit(passages).T, axis=1)
         assert column["P@1"] == pytest.approx(np.mean(top1 == np.arange(len(records))))
-    for figure in analysis.FIGURES:
-        _assert_png(tmp_path / "out" / figure)
+    # Both runs in every figure: a t-SNE panel each, both colours in every histogram panel.
+    _assert_png(tmp_path / "out" / "tsne.png", TSNE_SIZE(2), panels=(1, 2),
+                colours=("tab:blue", "tab:orange"))
+    _assert_png(tmp_path / "out" / "distances.png", DISTANCES_SIZE, panels=(2, 2),
+                colours=analysis.RUN_COLOURS[:2], absent=analysis.RUN_COLOURS[2:])
+    _assert_png(tmp_path / "out" / "similarities.png", SIMILARITIES_SIZE,
+                colours=analysis.RUN_COLOURS[:2], absent=analysis.RUN_COLOURS[2:])
+    assert sorted(analysis.FIGURES) == ["distances.png", "similarities.png", "tsne.png"]
+
+
+def test_command_line_refuses_too_few_pairs_before_loading_a_model(tmp_path):
+    """samtone-analyze's flags, checks and one-line error (exit 2), without a trained run: the
+    data is read and refused before any model is looked for."""
+    (tmp_path / "one.jsonl").write_text(json.dumps(
+        {"query_id": "q", "query": "a", "passage_id": "p", "passage": "b"}) + "\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "samtone.cli.analyze", f"--model_dir={tmp_path / 'no_run'}",
+         f"--data={tmp_path / 'one.jsonl'}", f"--output_dir={tmp_path / 'out'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert "needs at least 2 pairs" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -1,8 +1,7 @@
 """samtone.cli: the README's commands verbatim from a fresh folder, user errors as one-line
-messages with exit status 2, damaged checkpoints survived, and the layers importing downward."""
-import ast
+messages with exit status 2, damaged checkpoints survived, and a rerun of a module loading
+each module once. The import layering is checked in test_layering.py."""
 import json
-import os
 import pathlib
 import re
 import subprocess
@@ -11,9 +10,8 @@ import sys
 import pytest
 
 from samtone.data import smoke_path
+from tiny_runs import run_argv
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-PACKAGE = REPO / "samtone"
 BIN = pathlib.Path(sys.executable).parent
 
 
@@ -27,11 +25,7 @@ def _command(name):
 
 
 def _run(cwd, name, *args, timeout=600):
-    # One CPU device, as a user's laptop has; the sharded paths have their own tests.
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-    env.pop("SAMTONE_TRACEBACK", None)
-    return subprocess.run([*_command(name), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, check=False, env=env)
+    return run_argv([*_command(name), *args], cwd=cwd, timeout=timeout)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -46,6 +40,7 @@ def smoke(tmp_path_factory):
     return folder, result
 
 
+@pytest.mark.slow
 def test_smoke_run_from_a_fresh_folder_trains_well_and_says_what_next(smoke):
     folder, result = smoke
     assert result.returncode == 0, result.stderr[-3000:]
@@ -66,12 +61,13 @@ def test_smoke_run_from_a_fresh_folder_trains_well_and_says_what_next(smoke):
                 or "checkpoint_manager.py" in line]
 
 
+@pytest.mark.slow
 def test_serving_commands_take_relative_paths(smoke):
     folder, result = smoke
     assert result.returncode == 0, result.stderr[-3000:]
     with open(smoke_path("eval.jsonl"), encoding="utf-8") as f:
         (folder / "pairs.jsonl").write_text("".join(next(f) for _ in range(40)))
-    exported = _run(folder, "samtone-export", "--model_dir=runs/smoke", "--export_dir=exported",
+    exported = _run(folder, "samtone-export", "--model_dir=runs/smoke", "--output=exported",
                     "--platforms=cpu")
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert (folder / "exported" / "params.safetensors").is_file()
@@ -106,8 +102,10 @@ _QUICK = ["--gin_file=configs/smoke.gin", "--gin.TRAIN_STEPS=2", "--gin.BATCH_SI
     (["--gin.TRAIN_STEPS=10.5"], "TRAIN_STEPS \\(train.num_train_steps\\) must be a positive "
                                  "integer, got 10.5"),
     (["--gin.train.checkpoint_every=0"], "train.checkpoint_every must be a positive integer"),
-    (["--gin.make_optimizer.learning_rate=-1.0"], "make_optimizer.learning_rate must be a "
-                                                  "positive number"),
+    (["--gin.make_optimizer.learning_rate=-1.0"], "make_optimizer.learning_rate=-1.0 must be "
+                                                  ">= 0"),
+    (["--gin.losses.samtone_loss.temperature=0.0"], "train.loss \\(samtone_loss\\): temperature "
+                                                    "must be > 0, got 0.0"),
     (["--gin.train.checkpont_every=3"], "train' doesn't have a parameter named "
                                         "'checkpont_every'"),
     (["--gin.INIT_CHECKPOINT='no_such_model'"], "INIT_CHECKPOINT .*no_such_model' is neither a "
@@ -116,6 +114,7 @@ _QUICK = ["--gin_file=configs/smoke.gin", "--gin.TRAIN_STEPS=2", "--gin.BATCH_SI
     (["--gin.TRAIN_DATA='empty.jsonl'"], "empty.jsonl: holds no records \\(the file is empty\\)"),
     (["--no_such_flag=1"], "Unknown command line flag 'no_such_flag'"),
 ])
+@pytest.mark.slow
 def test_user_errors_are_one_line_messages_with_status_2(tmp_path, args, message):
     (tmp_path / "empty.jsonl").write_text("\n")
     result = _run(tmp_path, "samtone-train", *_QUICK, "--gin.MODEL_DIR='run'", *args)
@@ -124,7 +123,7 @@ def test_user_errors_are_one_line_messages_with_status_2(tmp_path, args, message
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, result.stderr[-3000:]
     assert re.search(message, result.stderr), result.stderr[-3000:]
-    assert not list((tmp_path / "run").glob("checkpoints/[0-9]*"))  # refused before training
+    assert not (tmp_path / "run").exists()  # refused before anything is written
 
 
 def test_traceback_flag_shows_the_stack(tmp_path):
@@ -139,6 +138,7 @@ def test_traceback_flag_shows_the_stack(tmp_path):
 # the next rerun is clean.
 
 
+@pytest.mark.slow
 def test_damaged_newest_checkpoint_is_moved_aside_and_reruns_are_clean(tmp_path):
     args = [*_QUICK, "--gin.TRAIN_STEPS=4", "--gin.train.checkpoint_every=2",
             "--gin.QUERY_LENGTH=16", "--gin.PASSAGE_LENGTH=32", "--gin.MODEL_DIR='run'"]
@@ -162,82 +162,6 @@ def test_damaged_newest_checkpoint_is_moved_aside_and_reruns_are_clean(tmp_path)
     assert "resumed from step 4" in third.stderr and "moved it to" not in third.stderr
 
 
-# ---------------------------------------------------------------------------------------------
-# Layers: no import cycle inside samtone/; serving and the library never import the CLI.
-
-
-def _imports():
-    """module -> the samtone modules it imports (at any depth in the file)."""
-    graph = {}
-    for path in PACKAGE.rglob("*.py"):
-        module = ".".join(path.relative_to(REPO).with_suffix("").parts)
-        module = module.removesuffix(".__init__")
-        found = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                found.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                found.add(node.module)
-                found.update(f"{node.module}.{alias.name}" for alias in node.names)
-        graph[module] = {name for name in found if name.startswith("samtone")}
-    known = set(graph)
-    return {module: {name for name in names if name in known and name != module}
-            for module, names in graph.items()}
-
-
-def _cycle(graph):
-    state = {}
-
-    def visit(module, stack):
-        state[module] = "open"
-        for target in sorted(graph[module]):
-            if state.get(target) == "open":
-                return stack[stack.index(target):] + [target] if target in stack else [target]
-            if target not in state:
-                found = visit(target, stack + [target])
-                if found:
-                    return found
-        state[module] = "done"
-        return None
-
-    for module in sorted(graph):
-        if module not in state:
-            found = visit(module, [module])
-            if found:
-                return found
-    return None
-
-
-def test_no_import_cycle_inside_samtone():
-    graph = _imports()
-    # Packages import their own modules from __init__; that is not a cycle of layers.
-    for package in ("samtone", "samtone.data", "samtone.checkpoints", "samtone.models",
-                    "samtone.cli", "samtone.export"):
-        graph[package] = {m for m in graph.get(package, set())
-                          if not m.startswith(package + ".")}
-    assert _cycle(graph) is None, " -> ".join(_cycle(graph))
-
-
-def test_the_cli_layer_is_on_top_and_serving_is_apart_from_training():
-    graph = _imports()
-    for module, names in graph.items():
-        if not module.startswith("samtone.cli"):
-            assert not [n for n in names if n.startswith("samtone.cli")], module
-    for serving in ("samtone.inference", "samtone.export", "samtone.mine", "samtone.analysis",
-                    "samtone.evaluate", "samtone.run_manifest", "samtone.search",
-                    "samtone.encoding", "samtone.checkpoints.convert"):
-        closure, todo = set(), [serving]
-        while todo:
-            for name in graph.get(todo.pop(), ()):
-                if name not in closure:
-                    closure.add(name)
-                    todo.append(name)
-        assert not {"samtone.optimizers", "samtone.train", "samtone.train_step"} & closure, serving
-    for path in PACKAGE.rglob("*.py"):
-        if "cli" not in path.parts:
-            assert "import gin" not in path.read_text(), path
-
-
 def test_a_rerun_of_the_module_loads_each_module_once(tmp_path):
     """`python -m samtone.cli.train` does not load the loop or the CLI a second time."""
     probe = ("import runpy, sys\n"
@@ -251,3 +175,19 @@ def test_a_rerun_of_the_module_loads_each_module_once(tmp_path):
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                             timeout=120, check=False, cwd=tmp_path)
     assert "cli.train loaded as: []" in result.stdout, result.stdout + result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name,args", [
+    ("samtone-export", ["--output=exported"]),
+    ("samtone-mine", ["--train_data=pairs.jsonl", "--output=mined.jsonl", "--k=4"]),
+])
+def test_serving_commands_name_a_folder_that_is_not_a_run(tmp_path, name, args):
+    """Flags parsed, the run checked first: one line, exit 2, nothing written (no trained run
+    needed, so this stays in the fast tier; the slow tests run the commands on a run)."""
+    (tmp_path / "pairs.jsonl").write_text(
+        json.dumps({"query_id": "q", "query": "a", "passage_id": "p", "passage": "b"}) + "\n")
+    result = _run(tmp_path, name, "--model_dir=no_run", *args, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
+    assert "no_run/model.json not found" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.jsonl"]

@@ -210,6 +210,7 @@ def test_a_converted_encoder_initialises_training_towers(hf_converted):
         pretrained.load_encoder_params(str(hf_converted), other)
 
 
+@pytest.mark.slow
 def test_training_starts_from_a_converted_checkpoint(hf_converted, tmp_path):
     """samtone-train --gin.INIT_CHECKPOINT=<converted folder>, end to end (a learning rate
     too small to move a weight): both towers hold the converted encoder."""

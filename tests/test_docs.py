@@ -172,6 +172,7 @@ def _anchors(path: Path) -> set[str]:
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))
+@pytest.mark.slow
 def test_every_command_exists_and_takes_its_flags(page):
     problems = check_text(page.read_text(), str(page.relative_to(REPO)))
     assert not problems, "\n".join(problems)

@@ -236,6 +236,7 @@ def test_training_writes_metrics_per_step_and_samtone_eval_agrees(trained, tmp_p
     assert f"written:  {output / 'run.trec'}, {output / 'metrics.json'}" in result.stdout
 
 
+@pytest.mark.slow
 def test_samtone_eval_on_pairs_and_graded_pairs(trained, tmp_path):
     run, _ = trained
     with open(smoke_path("eval.jsonl"), encoding="utf-8") as f:
@@ -265,6 +266,7 @@ def test_samtone_eval_on_pairs_and_graded_pairs(trained, tmp_path):
     (["--vocabulary={vocabulary}"], "the data's vocabulary .*other.model is not the model's "
                                     "vocabulary .*/spm.model"),
 ])
+@pytest.mark.slow
 def test_user_errors_exit_2_with_one_line(trained, tmp_path, args, message):
     run, folder = trained
     (tmp_path / "other.model").write_bytes(b"another vocabulary")

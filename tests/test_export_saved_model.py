@@ -108,14 +108,40 @@ def _jax_embeddings(model, params, method, texts, length):
     return np.asarray(model.apply({"params": params}, tokens, method=method))
 
 
-def test_texts_need_padding_and_truncation():
+class _TokenIdsModel:
+    """A stand-in for DualEncoder whose towers return their token ids: the serving module's
+    signatures then show the ids its TensorFlow graph computed from the strings."""
+
+    def apply(self, variables, token_ids, method):
+        del variables, method
+        return token_ids.astype(jnp.float32)
+
+
+def test_the_graph_tokenises_as_samtones_tokenizer():
+    """In the SavedModel's graph, as in Tokenizer.encode: pieces cut to length - 1, EOS, then
+    padding, on texts (edge cases included) both shorter and longer than the lengths."""
+    saved_model = pytest.importorskip("samtone.export.saved_model")
     tokenizer = Tokenizer(smoke_path("spm.model"))
-    for texts, length in zip(_texts(), (QUERY_LENGTH, PASSAGE_LENGTH)):
+    with open(smoke_path("spm.model"), "rb") as f:
+        vocabulary = f.read()
+    module = saved_model._serving_module(  # pylint: disable=protected-access
+        _TokenIdsModel(), {"unused": np.zeros(1, np.float32)}, vocabulary,
+        {"encode_queries": QUERY_LENGTH, "encode_passages": PASSAGE_LENGTH}, ("cpu",))
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    for signature, texts, length in zip(saved_model.SIGNATURES, _texts(),
+                                        (QUERY_LENGTH, PASSAGE_LENGTH)):
+        # Both paths are exercised: some texts are padded, some truncated.
         lengths = (tokenizer.encode(texts, 10 * length) != 0).sum(1)
         assert lengths.min() < length < lengths.max()
+        function = getattr(module, signature)
+        token_ids = function(tf.constant(texts))[saved_model.OUTPUT_NAME].numpy()
+        np.testing.assert_array_equal(token_ids, tokenizer.encode(texts, length), signature)
+        np.testing.assert_array_equal(function(tf.constant(texts[:1]))[
+            saved_model.OUTPUT_NAME].numpy(), tokenizer.encode(texts[:1], length))
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.slow
 def test_tensorflow_embeddings_equal_jax(exported, architecture):
     model, params, _, _, computed, _ = exported[architecture]
     queries, passages = _texts()
@@ -131,6 +157,7 @@ def test_tensorflow_embeddings_equal_jax(exported, architecture):
         assert np.abs(computed["embed_queries"][:3] - computed["embed_passages"][:3]).max() > 1e-2
 
 
+@pytest.mark.slow
 def test_signatures_take_any_batch_of_strings(exported):
     *_, manifest, _, specs = exported["ade_spl"]
     assert specs == {"embed_queries": ["(None,)"], "embed_passages": ["(None,)"]}
@@ -145,6 +172,7 @@ def test_signatures_take_any_batch_of_strings(exported):
 
 
 @pytest.mark.parametrize("architecture", ["sde", "ade"])
+@pytest.mark.slow
 def test_encoder_load_reads_it_without_tensorflow(exported, architecture):
     model, params, folder, *_ = exported[architecture]
     encoder = inference.Encoder.load(folder, batch_size=8)

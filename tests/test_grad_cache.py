@@ -97,6 +97,7 @@ def test_split_and_merge_are_inverse_and_strided():
 
 @pytest.mark.parametrize("mesh_shape,rules_name,microbatches",
                          [((1, 1), "data", 4), ((4, 2), "fsdp_model", 2)])
+@pytest.mark.slow
 def test_microbatches_give_the_plain_loss_and_gradients(mesh_shape, rules_name, microbatches):
     model, mesh = _model(), _mesh(mesh_shape)
     rules = partitioning.logical_axis_rules(rules_name)
@@ -110,6 +111,7 @@ def test_microbatches_give_the_plain_loss_and_gradients(mesh_shape, rules_name, 
 
 
 @pytest.mark.parametrize("mesh_shape,rules_name", [((8, 1), "data")])
+@pytest.mark.slow
 def test_with_dropout_both_passes_use_the_same_masks(mesh_shape, rules_name):
     """Against plain autodiff through the same sub-batch forward passes (same dropout keys)."""
     model, mesh = _model(dropout_rate=0.2), _mesh(mesh_shape)
@@ -140,6 +142,7 @@ def test_with_dropout_both_passes_use_the_same_masks(mesh_shape, rules_name):
     assert abs(float(other_masks_loss) - loss) > 1e-4
 
 
+@pytest.mark.slow
 def test_microbatches_hold_fewer_activations():
     """Compiled temporaries of a 64-example step: 8 cached sub-batches need far less."""
     model, mesh = _model(), _mesh((1, 1))

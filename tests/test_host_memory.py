@@ -54,6 +54,7 @@ def huge_pages_always() -> bool:
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+@pytest.mark.slow
 def test_repeated_executions_reuse_their_pages():
     kept = execution_page_faults("keep")[SETTLED]
     # Once the heap has grown to fit, the temporaries land on pages already mapped: most

@@ -21,6 +21,7 @@ def run(tmp_path_factory):
 
 
 @pytest.mark.parametrize("step", [None, 1])
+@pytest.mark.slow
 def test_encodings_equal_the_model_applied_to_the_checkpoint(run, step):
     queries, passages = smoke_texts()
     # 8 fake devices here: the batch is split over them as in training.
@@ -40,6 +41,7 @@ def test_encodings_equal_the_model_applied_to_the_checkpoint(run, step):
         np.testing.assert_allclose(np.linalg.norm(found, axis=1), 1.0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_steps_are_different_checkpoints(run):
     queries, _ = smoke_texts(4)
     first = inference.Encoder.load(str(run), step=1, batch_size=8)
@@ -47,6 +49,7 @@ def test_steps_are_different_checkpoints(run):
     assert np.abs(first.encode_queries(queries) - last.encode_queries(queries)).max() > 1e-4
 
 
+@pytest.mark.slow
 def test_texts_go_through_in_batches_of_one_shape(run):
     queries, passages = smoke_texts(11)
     encoders = inference.Encoder.load(str(run), batch_size=8)
@@ -68,6 +71,7 @@ def test_texts_go_through_in_batches_of_one_shape(run):
                                atol=1e-6)
 
 
+@pytest.mark.slow
 def test_errors_name_the_problem(run, tmp_path):
     with pytest.raises(FileNotFoundError, match=f"{tmp_path}/model.json not found"):
         inference.Encoder.load(str(tmp_path))
@@ -94,6 +98,7 @@ print("loaded:", loaded)
 """
 
 
+@pytest.mark.slow
 def test_serving_loads_neither_gin_nor_the_optimisers(run, tmp_path):
     """Nor torch or TensorFlow: a run and a sentence-transformers export, loaded and used."""
     export.export_model(run, tmp_path / "st", format="sentence_transformers")

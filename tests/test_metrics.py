@@ -80,6 +80,7 @@ def test_per_query_metrics_equal_trec_eval(seed):
 
 
 @pytest.mark.parametrize("seed", [3, 4])
+@pytest.mark.slow
 def test_means_equal_ranx_without_ties(seed):
     scores, indices, qrels, qrels_dict, ids = _random_case(seed, ties=False)
     run, judged = _as_dicts(scores, indices, qrels_dict, ids)

@@ -72,6 +72,7 @@ def single_process_run(tmp_path_factory):
     return model_dir, completed
 
 
+@pytest.mark.slow
 def test_two_processes_reach_the_single_process_params(tmp_path, single_process_run):
     one_dir, single = single_process_run
     two_dir = tmp_path / "two"
@@ -88,6 +89,7 @@ def test_two_processes_reach_the_single_process_params(tmp_path, single_process_
 
 @pytest.mark.parametrize("model_parallel", [4, 2], ids=["model_axis_across_processes",
                                                         "data2_model2"])
+@pytest.mark.slow
 def test_tensor_parallel_meshes_across_processes_reach_the_single_process_params(
         tmp_path, single_process_run, model_parallel):
     """Processes holding the same rows (replicas along 'model') feed the same examples."""

@@ -62,6 +62,7 @@ def _mine(run, *args):
 # --- 1. samtone-mine: --overwrite, never its training file, atomic ---------------------------
 
 
+@pytest.mark.slow
 def test_mine_refuses_an_existing_output(run, pairs, tmp_path):
     output = tmp_path / "mined.jsonl"
     output.write_text("an earlier mining\n")
@@ -72,6 +73,7 @@ def test_mine_refuses_an_existing_output(run, pairs, tmp_path):
 
 
 @pytest.mark.parametrize("flag", ["--train_data", "--corpus"])
+@pytest.mark.slow
 def test_mine_never_replaces_an_input(run, pairs, tmp_path, flag):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("a passage\nanother\n")
@@ -126,6 +128,7 @@ def test_an_interrupted_mine_leaves_the_previous_output_and_no_temporary(pairs, 
 
 
 @pytest.mark.parametrize("target", ["run", "parent"])
+@pytest.mark.slow
 def test_export_never_replaces_the_run_or_its_parent(run, target):
     notes = run.parent / "notes.txt"  # a sibling of the run, deleted with the parent
     notes.write_text("what this run was for\n")
@@ -137,6 +140,7 @@ def test_export_never_replaces_the_run_or_its_parent(run, target):
     assert _hashes(run.parent) == before
 
 
+@pytest.mark.slow
 def test_export_never_writes_into_the_runs_checkpoints(run, tmp_path):
     output = run / "checkpoints" / "export"
     before = _hashes(run)
@@ -159,6 +163,7 @@ def test_convert_never_replaces_its_source(tmp_path):
 # --- 3. samtone-eval and samtone-analyze: --overwrite ----------------------------------------
 
 
+@pytest.mark.slow
 def test_eval_refuses_an_existing_metrics_file(run, pairs, tmp_path):
     (tmp_path / "metrics.json").write_text("{}\n")
     before = _hashes(tmp_path, run)
@@ -168,6 +173,7 @@ def test_eval_refuses_an_existing_metrics_file(run, pairs, tmp_path):
     assert _hashes(tmp_path, run) == before
 
 
+@pytest.mark.slow
 def test_a_second_eval_into_the_default_output_is_refused(run, tmp_path):
     data = tmp_path / "earlier.jsonl"
     data.write_text(open(smoke_path("eval.jsonl"), encoding="utf-8").readline() * 2)
@@ -185,6 +191,7 @@ def test_a_second_eval_into_the_default_output_is_refused(run, tmp_path):
         default.rmdir()
 
 
+@pytest.mark.slow
 def test_analyze_refuses_an_existing_summary(run, pairs, tmp_path):
     (tmp_path / "summary.json").write_text("{}\n")
     before = _hashes(tmp_path, run)
@@ -213,6 +220,7 @@ def test_an_interrupted_write_of_named_files_leaves_the_previous_ones(tmp_path):
 # --- 4. samtone-eval --output=<a file> --------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_eval_output_that_is_a_file_is_refused_before_any_work(run, pairs, tmp_path):
     output = tmp_path / "metrics.json"
     output.write_text("not a folder\n")
@@ -224,6 +232,7 @@ def test_eval_output_that_is_a_file_is_refused_before_any_work(run, pairs, tmp_p
 # --- 5. samtone-analyze on one pair -----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_analyze_needs_two_pairs(run, tmp_path):
     data = tmp_path / "one.jsonl"
     data.write_text(open(smoke_path("eval.jsonl"), encoding="utf-8").readline())
@@ -238,6 +247,7 @@ def test_analyze_needs_two_pairs(run, tmp_path):
 
 @pytest.mark.parametrize("command, output_flag", [("eval", "--output"),
                                                   ("analyze", "--output_dir")])
+@pytest.mark.slow
 def test_split_is_refused_for_a_pairs_file(run, pairs, tmp_path, command, output_flag):
     result = run_command(command, f"--model_dir={run}", f"--data={pairs}", "--split=dev",
                          f"{output_flag}={tmp_path / 'out'}")
@@ -247,6 +257,7 @@ def test_split_is_refused_for_a_pairs_file(run, pairs, tmp_path, command, output
 # --- 7. samtone-mine --margin < 0 --------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_mine_refuses_a_negative_margin(run, pairs, tmp_path):
     result = _mine(run, f"--train_data={pairs}", f"--output={tmp_path / 'mined.jsonl'}",
                    "--margin=-1")
@@ -264,6 +275,7 @@ def test_mine_refuses_a_negative_margin(run, pairs, tmp_path):
     ("mine", ["--train_data={pairs}", "--corpus={missing}", "--output={out}", "--k=2"],
      "--corpus"),
 ])
+@pytest.mark.slow
 def test_a_missing_data_file_is_named_with_its_flag(run, pairs, tmp_path, command, args, flag):
     missing = tmp_path / "nope.jsonl"
     args = [arg.format(missing=missing, pairs=pairs, out=tmp_path / "out") for arg in args]
@@ -275,6 +287,7 @@ def test_a_missing_data_file_is_named_with_its_flag(run, pairs, tmp_path, comman
 # --- 9. samtone-eval --top_k below the metrics' depth ----------------------------------------------
 
 
+@pytest.mark.slow
 def test_eval_top_k_20_writes_20_per_query_and_the_full_depth_metrics(run, pairs, tmp_path):
     for top_k in (20, 100):
         result = run_command("eval", f"--model_dir={run}", f"--data={pairs}",
@@ -305,14 +318,25 @@ def _swallowed_ctrl_c(*args, **kwargs):
         pass
 
 
-def test_a_ctrl_c_that_tensorflow_swallows_still_interrupts():
+@pytest.fixture
+def python_ctrl_c():
+    """SIGINT raises KeyboardInterrupt, as in a command's main thread (a test runner's worker
+    may have another handler)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_a_ctrl_c_that_tensorflow_swallows_still_interrupts(python_ctrl_c):
     with pytest.raises(KeyboardInterrupt):
         with saved_model.interrupts_kept():
             _swallowed_ctrl_c()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_an_export_interrupted_inside_tensorflow_leaves_no_folder(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_an_export_interrupted_inside_tensorflow_leaves_no_folder(tmp_path, monkeypatch,
+                                                                  python_ctrl_c):
     tf = pytest.importorskip("tensorflow")
     pytest.importorskip("tensorflow_text")
     import jax  # pylint: disable=import-outside-toplevel

@@ -1,9 +1,13 @@
 """The shipped smoke dataset: present, well formed, a held-out split, reproducible, learnable."""
 import collections
+import glob
 import importlib.util
 import json
 import os
+import shutil
+import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -42,11 +46,46 @@ def script():
         del sys.modules[spec.name]
 
 
-def test_files_are_installed_next_to_the_package():
-    for name in ("train.jsonl", "eval.jsonl", "spm.model", "README.md"):
-        assert os.path.isfile(smoke_path(name))
-    total = sum(os.path.getsize(smoke_path(n)) for n in ("train.jsonl", "eval.jsonl", "spm.model"))
-    assert total < 1_000_000
+def test_a_built_wheel_ships_the_data_configs_and_every_module(tmp_path):
+    """Under an editable install smoke_path finds the files in the checkout whatever setup.py
+    says, so build a wheel (from a copy: the checkout stays clean) and read its file list."""
+    source = tmp_path / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    source.mkdir()
+    for name in ("setup.py", "README.md", "LICENSE"):
+        shutil.copy2(os.path.join(REPO_ROOT, name), source / name)
+    for folder in ("samtone", "gin", "configs"):
+        shutil.copytree(os.path.join(REPO_ROOT, folder), source / folder, ignore=ignore)
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path / "dist"), str(source)],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("samtone-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        sizes = {info.filename: info.file_size for info in archive.infolist()}
+    smoke = [f"samtone/data/smoke/{n}" for n in ("train.jsonl", "eval.jsonl", "spm.model",
+                                                  "README.md")]
+    assert not set(smoke) - names, sorted(set(smoke) - names)
+    assert sum(sizes[name] for name in smoke[:3]) < 1_000_000  # small enough to ship
+    # Every Gin fragment and run config, wherever setup.py installs them (data_files under
+    # <prefix>/share/samtone/, or package data inside samtone/): as gin/<kind>/<name>.gin and
+    # configs/<name>.gin below one folder.
+    resources = sorted(os.path.relpath(path, REPO_ROOT) for pattern in ("configs/*.gin",
+                                                                        "gin/*/*.gin")
+                       for path in glob.glob(os.path.join(REPO_ROOT, pattern)))
+    assert len(resources) > 20 and "configs/smoke.gin" in resources
+    roots = {name[:-len("configs/smoke.gin")] for name in names
+             if name.endswith("/configs/smoke.gin")}
+    assert len(roots) == 1, sorted(name for name in names if name.endswith(".gin"))
+    (root,) = roots
+    expected = {root + path for path in resources}
+    assert not expected - names, sorted(expected - names)
+    # packages: every module of samtone/.
+    modules = {os.path.relpath(path, REPO_ROOT) for path in
+               glob.glob(os.path.join(REPO_ROOT, "samtone", "**", "*.py"), recursive=True)}
+    assert not modules - names, sorted(modules - names)
 
 
 def test_smoke_path_names_what_is_missing():

@@ -191,6 +191,7 @@ def test_param_names_and_logical_axes():
 
 
 @pytest.mark.parametrize("remat_policy,scan_layers", [("full", False), ("dots", False), ("none", True), ("dots", True)])
+@pytest.mark.slow
 def test_remat_and_scan_match_plain(hf_gated, remat_policy, scan_layers):
     config, params = load_hf_t5_encoder(hf_gated[1])
     variant = dataclasses.replace(config, remat_policy=remat_policy, scan_layers=scan_layers)
@@ -228,6 +229,7 @@ def test_dropout_uses_rng_and_deterministic_flag(hf_gated):
                                atol=1e-6)
 
 
+@pytest.mark.slow
 def test_bfloat16_activations_stay_close():
     config = t5_1_1_config("tiny", dropout_rate=0.0)
     bf16 = dataclasses.replace(config, dtype="bfloat16")  # the string form gin files use
@@ -247,6 +249,7 @@ def test_bfloat16_activations_stay_close():
     assert {x.dtype for x in jax.tree.leaves(bf16_params)} == {jnp.dtype(jnp.bfloat16)}
 
 
+@pytest.mark.slow
 def test_all_padding_row_is_finite():
     config = t5_1_1_config("tiny")
     ids = token_ids(lengths=(5, 1), length=8)
@@ -312,6 +315,7 @@ def test_packed_rows_give_each_text_its_hidden_states_alone(hf_gated, scan_layer
                                    atol=2e-5, err_msg=f"text {text}")
 
 
+@pytest.mark.slow
 def test_one_hot_lookup_when_vocab_is_sharded_equals_the_gather(monkeypatch):
     from samtone.models import t5  # pylint: disable=import-outside-toplevel
     monkeypatch.setattr(t5, "ONE_HOT_PLATFORMS", (jax.default_backend(),))

@@ -362,6 +362,7 @@ class RecordingIterator:
         self.iterator.set_state(state)
 
 
+@pytest.mark.slow
 def test_train_loop_reads_a_task_and_resumes_it(pairs_task, spm_path, tmp_path):
     import functools  # pylint: disable=import-outside-toplevel
 

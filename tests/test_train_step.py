@@ -141,6 +141,7 @@ def test_sharded_step_matches_one_device(mesh_shape, rules_name):
         assert array.sharding.is_equivalent_to(sharding, array.ndim)
 
 
+@pytest.mark.slow
 def test_reference_step_is_a_real_update():
     initial_params, state, metrics = reference()
     assert np.isfinite(metrics["loss"]) and metrics["gradient_norm"] > 0
@@ -394,6 +395,7 @@ def _run_steps(model, mesh_shape, rules_name, steps, init_params=None):
     return jax.device_get(state), jax.device_get(history)
 
 
+@pytest.mark.slow
 def test_bfloat16_step_runs_and_stays_close_to_float32():
     initial = reference()[0]
     full, full_metrics = _run_steps(tiny_model(), (1, 1), "data", 2, initial)
@@ -463,6 +465,7 @@ def padded_batch():
 @pytest.mark.parametrize("batching, mesh_shape, rules_name", [
     ("buckets", (1, 1), "data"), ("buckets", (8, 1), "data"),
     ("packed", (1, 1), "data"), ("packed", (8, 1), "data"), ("packed", (2, 4), "fsdp_model")])
+@pytest.mark.slow
 def test_bucketed_and_packed_batches_give_the_plain_step(batching, mesh_shape, rules_name):
     """Same loss, gradients, parameters and optimiser state as the plain one-device step."""
     initial_params, expected_state, expected_metrics = reference()
