@@ -51,6 +51,7 @@ setuptools.setup(
             "ranx>=0.3.20",
             "pytrec_eval-terrier>=0.5.6",  # trec_eval itself, for the retrieval metrics
             "scipy>=1.11",
+            "ruff>=0.6",  # tests/test_lint.py: the code stays as pyproject.toml configures it
         ],
         "seqio": [
             "seqio>=0.0.19",

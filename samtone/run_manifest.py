@@ -25,13 +25,14 @@ from flax import traverse_util
 from jax.sharding import Mesh
 
 from samtone import partitioning
+from samtone import run_dir
 from samtone.checkpoints import manager as checkpoint_lib
 from samtone.errors import CheckpointError, ConfigError, MissingFileError
 from samtone.models import dual_encoder
 from samtone.models import t5
 
-MANIFEST_FILE = "model.json"
-VOCABULARY_FILE = "spm.model"
+MANIFEST_FILE = run_dir.MANIFEST
+VOCABULARY_FILE = run_dir.VOCABULARY
 FORMAT_VERSION = 1
 
 
@@ -206,7 +207,7 @@ def read_params(model_dir: str | os.PathLike, manifest: RunManifest | None = Non
     manifest = manifest or read(model_dir)
     mesh = mesh or manifest.serving_mesh()
     shapes, shardings = manifest.params_layout(mesh)
-    directory = epath.Path(model_dir) / "checkpoints"
+    directory = run_dir.RunDir.at(model_dir).checkpoints
     described = (f"the {manifest.architecture} model of {epath.Path(model_dir) / MANIFEST_FILE}"
                  f" ({_sizes(manifest.t5_config)})")
     try:

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from samtone import run_dir
 from samtone.errors import UserError
 
 
@@ -96,7 +97,7 @@ class Progress:
             means.get("in_batch_accuracy", float("nan")), means["learning_rate"],
             means["examples_per_second"], eta,
             f" | skipped {len(bad)} non-finite updates" if bad else "")
-        self.summaries.scalars("train", steps[-1], means)
+        self.summaries.scalars(run_dir.TRAIN_EVENTS, steps[-1], means)
 
 
 def format_metrics(metrics: dict[str, float]) -> str:

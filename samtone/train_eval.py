@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 
 from samtone import evaluate
 from samtone import inference
+from samtone import run_dir
 from samtone.data import files
 from samtone.data import retrieval
 from samtone.data.tokenizer import Tokenizer
@@ -77,7 +78,7 @@ class TrainingEvaluator:
         logging.info("eval at step %d on %s (%s) in %.1fs%s: %s", step, self.name,
                      ", ".join(f"{value} {name[4:]}" for name, value in counts.items()),
                      time.perf_counter() - started, rates, format_metrics(metrics))
-        summaries.scalars("eval", step, metrics)
+        summaries.scalars(run_dir.EVAL, step, metrics)
         if self.model_dir is not None and jax.process_index() == 0:
             evaluate.write_metrics(self.metrics_path(step),
                                    {**metrics, **counts, "step": int(step)})
@@ -85,4 +86,5 @@ class TrainingEvaluator:
 
     def metrics_path(self, step: int) -> epath.Path:
         """MODEL_DIR/eval/<data name>/<step>/metrics.json."""
-        return epath.Path(self.model_dir) / "eval" / self.name / str(step) / evaluate.METRICS_FILE
+        return (run_dir.RunDir.at(self.model_dir).eval_output(self.name) / str(step)
+                / evaluate.METRICS_FILE)

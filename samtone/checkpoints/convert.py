@@ -127,7 +127,7 @@ def convert(source_path: str | os.PathLike, output_dir: str | os.PathLike, *,
 
     with output_folder.write_atomically(output_dir, overwrite) as folder:
         params = _read_and_place(source, shapes, shardings, where)
-        manager = checkpoint_lib.make_checkpoint_manager(os.path.join(folder, "checkpoints"),
+        manager = checkpoint_lib.make_checkpoint_manager(os.path.join(folder, run_dir.CHECKPOINTS),
                                                          keep=None, async_save=False)
         checkpoint_lib.save_checkpoint(manager, source.step, {"params": params}, {})
         manager.wait_until_finished()
