@@ -120,6 +120,21 @@ def test_replaying_config_gin_with_a_new_model_dir_starts_a_new_run(base_run, tm
     assert _digest(base_run) == before
 
 
+def test_a_resume_with_another_config_keeps_the_runs_own_and_records_its_own(base_run,
+                                                                           tmp_path):
+    run = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(base_run), str(run)], check=True)
+    config, manifest = (run / "config.gin").read_bytes(), (run / "model.json").read_bytes()
+    result = _train_command(f"--gin.MODEL_DIR='{run}'", "--gin.TRAIN_STEPS=3",
+                            "--gin.train.log_every=1", "--gin.t5_1_1_config.remat_policy='full'")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (run / "checkpoints" / "3").is_dir()
+    assert (run / "config.gin").read_bytes() == config
+    assert (run / "model.json").read_bytes() == manifest
+    resumed = (run / "config.step2.gin").read_text()
+    assert "TRAIN_STEPS = 3" in resumed and "train.log_every = 1" in resumed
+
+
 @pytest.mark.parametrize("make, named", [
     (lambda tmp: (tmp / "file").write_text("x") and tmp / "file", "is a file, not a folder"),
     (lambda tmp: (tmp / "file").write_text("x") and tmp / "file" / "run", "which is a file"),
