@@ -16,7 +16,8 @@ RESOURCE_PACKAGES = {"samtone._resources." + folder.replace(os.sep, "."): folder
 setuptools.setup(
     name="samtone",
     version="0.1.0",
-    description="T5.1.1 dual encoders trained with same-tower-negative contrastive losses (JAX/Flax).",
+    description=("T5.1.1 dual encoders trained with same-tower-negative contrastive losses "
+                 "(JAX/Flax)."),
     python_requires=">=3.10",
     packages=[*setuptools.find_namespace_packages(include=["samtone", "samtone.*"]),
               *RESOURCE_PACKAGES],

@@ -218,7 +218,8 @@ def incumbent_setup(args, config, params, projection_dim):
     def tower(encoder_params):
         model = transformers.T5EncoderModel(hf_config)
         state = {name: torch.from_numpy(value)
-                 for name, value in hf.to_hf_state_dict(t5.unstack_layer_params(encoder_params)).items()}
+                 for name, value
+                 in hf.to_hf_state_dict(t5.unstack_layer_params(encoder_params)).items()}
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [name for name in missing if name != "encoder.embed_tokens.weight"]  # tied
         assert not missing and not unexpected, (missing, unexpected)
@@ -257,7 +258,8 @@ def incumbent_setup(args, config, params, projection_dim):
         """Each column cut to its longest text, as sentence-transformers pads."""
         cols = [batch["query_tokens"], batch["passage_tokens"]]
         if "negative_tokens" in batch:
-            cols += [batch["negative_tokens"][:, k] for k in range(batch["negative_tokens"].shape[1])]
+            cols += [batch["negative_tokens"][:, k]
+                     for k in range(batch["negative_tokens"].shape[1])]
         return [c[:, :max(1, int(np.count_nonzero(c, axis=1).max()))] for c in cols]
 
     def step(batch):
@@ -355,7 +357,8 @@ def main(argv=None):
     devices = jax.devices()
     platform_name = devices[0].platform
     print(f"devices: {len(devices)} x {devices[0].device_kind} ({platform_name}), "
-          f"jax {jax.__version__}, {os.cpu_count()} CPUs, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+          f"jax {jax.__version__}, {os.cpu_count()} CPUs, "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     if args.incumbent:
         try:
             import sentence_transformers  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import

@@ -7,9 +7,10 @@ and compares them by cosine similarity:
 
 q_i and p_i are the query and the passage of example i of the batch B, and n_m are the hard
 negatives. Each contrastive loss is the batch mean of a per-example -log softmax, and a
-bidirectional loss is the mean of its two directions (CoSENT is one log-sum-exp over pairs). Log-sum-exps go through `jax.nn.logsumexp`, and a dropped
-term becomes a -inf logit. The positive is always in its own denominator, so every row stays
-finite, even at t = 0.01 with cosine 1.0 and with all of a row's negatives dropped.
+bidirectional loss is the mean of its two directions (CoSENT is one log-sum-exp over pairs).
+Log-sum-exps go through `jax.nn.logsumexp`, and a dropped term becomes a -inf logit. The
+positive is always in its own denominator, so every row stays finite, even at t = 0.01 with
+cosine 1.0 and with all of a row's negatives dropped.
 
   samtone_loss           SamToNe (Moiseev et al. 2023): in-batch softmax + same-tower negatives
   in_batch_softmax_loss  in-batch sampled softmax (Henderson et al. 2017)
@@ -192,13 +193,16 @@ def _flatten_negatives(negatives, batch_size: int, dim: int) -> tuple[Array, int
     shape = jnp.shape(negatives)
     if len(shape) == 3:
         if shape[0] != batch_size or shape[2] != dim:
-            raise ValueError(f"negatives [B, K, D] must have B={batch_size} and D={dim}, got shape {shape}")
+            raise ValueError(f"negatives [B, K, D] must have B={batch_size} and D={dim}, "
+                             f"got shape {shape}")
     elif len(shape) == 2:
         if shape[1] != dim or shape[0] % batch_size:
-            raise ValueError(f"negatives [B*K, D] must have D={dim} and a multiple of B={batch_size} rows "
-                             f"(K per example, example-major), got shape {shape}")
+            raise ValueError(f"negatives [B*K, D] must have D={dim} and a multiple of "
+                             f"B={batch_size} rows (K per example, example-major), "
+                             f"got shape {shape}")
     else:
-        raise ValueError(f"negatives must be [B, K, D] or [B*K, D], got rank {len(shape)} shape {shape}")
+        raise ValueError("negatives must be [B, K, D] or [B*K, D], "
+                         f"got rank {len(shape)} shape {shape}")
     per_example = shape[1] if len(shape) == 3 else shape[0] // batch_size
     return jnp.reshape(negatives, (-1, dim)), per_example
 
@@ -305,7 +309,8 @@ def samtone_loss(
     s_qp = _similarities(q, p)
     positive = jnp.diagonal(s_qp) / temperature  # s(q_i, p_i) / t
 
-    # L_qp(i): sum_j e^{s(q_i,p_j)/t} + sum_m e^{s(q_i,n_m)/t} + [query_same_tower] sum_{j!=i} e^{s(q_i,q_j)/t}
+    # L_qp(i): sum_j e^{s(q_i,p_j)/t} + sum_m e^{s(q_i,n_m)/t}
+    #          + [query_same_tower] sum_{j!=i} e^{s(q_i,q_j)/t}
     denominator = [_negative_logits(s_qp, temperature, dropped=known.query_passage,
                                     bonus=bonus.in_batch)]
     if negatives is not None:
@@ -408,7 +413,8 @@ def cosent_loss(a: Array, b: Array, labels: Array, *, scale: float = 20.0) -> Ar
     cosine = jnp.sum(l2_normalize(a) * l2_normalize(b), axis=-1)
     ordered = labels[:, None] > labels[None, :]
     pair_logits = jnp.where(ordered, scale * (cosine[None, :] - cosine[:, None]), -jnp.inf)
-    return jax.nn.logsumexp(jnp.concatenate([jnp.zeros((1,), jnp.float32), pair_logits.reshape(-1)]))
+    return jax.nn.logsumexp(jnp.concatenate([jnp.zeros((1,), jnp.float32),
+                                             pair_logits.reshape(-1)]))
 
 
 def in_batch_accuracy(query: Array, passage: Array, passage_ids: Array | None = None) -> Array:

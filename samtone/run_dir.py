@@ -172,7 +172,8 @@ class RunLock:
     def acquire(self) -> None:
         """Takes the lock (again: a no-op); LockHeld names a live holder."""
         path = os.fspath(self.run.lock_file)
-        if self.held or "://" in path:  # object stores have no O_EXCL; multi-host runs rely on the scheduler
+        # Object stores have no O_EXCL; multi-host runs rely on the scheduler.
+        if self.held or "://" in path:
             return
         mine = json.dumps({"host": socket.gethostname(), "pid": os.getpid()})
         for _ in range(2):

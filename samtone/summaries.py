@@ -73,7 +73,8 @@ class Progress:
         if bad and not skip_nonfinite:
             step, metrics = bad[0]
             raise NonFiniteLossError(
-                f"non-finite loss ({metrics['loss']}) or gradient norm ({metrics['gradient_norm']}) "
+                f"non-finite loss ({metrics['loss']}) "
+                f"or gradient norm ({metrics['gradient_norm']}) "
                 f"at step {step}: training stopped, no checkpoint written after it. Lower the "
                 "learning rate, check the data, or set train.skip_nonfinite=True to skip such "
                 "updates")

@@ -4,9 +4,10 @@ The step (samtone.train_step) is `(state, batch) -> (state, metrics)`. Around it
 process's slice of each global batch in, metrics to the host every `log_every` steps only
 (samtone.summaries), orbax checkpoints every `checkpoint_every` steps and on a preemption
 notice (samtone.preemption), retrieval metrics on EVAL_DATA (a BEIR folder's full corpus or
-held-out pairs) every `eval_every` steps and at the end (samtone.train_eval). Calling it again on the same model_dir resumes from the
-newest checkpoint, data position included, and reaches the same final state as a run that was
-never interrupted. The command line is samtone.cli.train.
+held-out pairs) every `eval_every` steps and at the end (samtone.train_eval). Calling it again
+on the same model_dir resumes from the newest checkpoint, data position included, and reaches
+the same final state as a run that was never interrupted. The command line is
+samtone.cli.train.
 
 Shapes. With length buckets or packing (samtone.data.packing) a step's shapes vary with its
 batch: the one jitted step compiles once per shape and keeps each (jax.jit's cache; with
@@ -432,7 +433,8 @@ def _record_run(run: run_dir.RunDir, manifest: run_manifest.RunManifest,
 
 
 def _check_vocabulary(model: nn.Module, tokenizer: Tokenizer) -> None:
-    check_fits_embedding(tokenizer, model.config.vocab_size, hint=" (gin: t5_1_1_config.vocab_size)")
+    check_fits_embedding(tokenizer, model.config.vocab_size,
+                         hint=" (gin: t5_1_1_config.vocab_size)")
 
 
 def _use_compilation_cache(model_dir, path: str) -> None:

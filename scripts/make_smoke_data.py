@@ -239,7 +239,8 @@ def build_river(rng, world: World, index: int, name: str, cities: list[str]) -> 
         intro=Fact(
             _pick(rng, ["The {n} is a river that rises in {m}.",
                         "The {n} is a river whose source lies in {m}.",
-                        "Rising in {m}, the {n} is a long and winding river."], n=name, m=mountains),
+                        "Rising in {m}, the {n} is a long and winding river."],
+                  n=name, m=mountains),
             [f"Where does the {name} rise?", f"Where is the source of the {name}?",
              f"Where does the {name} begin?", f"In which highlands does the {name} start?"]),
         facts=[
@@ -336,7 +337,8 @@ def build_company(rng, world: World, index: int, name: str) -> Entity:
                              "It is best known for its {p}."], p=rng.choice(PRODUCTS)),
                  [f"What does {name} make?", f"What does {name} produce?",
                   f"What products is {name} known for?"]),
-            Fact(_pick(rng, ["It employs about {k} people.", "Around {k} workers are on its payroll.",
+            Fact(_pick(rng, ["It employs about {k} people.",
+                             "Around {k} workers are on its payroll.",
                              "Its staff numbers some {k}."], k=_count(rng, 30, 5000, 10)),
                  [f"How many people work at {name}?", f"How many employees does {name} have?",
                   f"How large is the workforce of {name}?"]),

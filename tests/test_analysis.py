@@ -74,12 +74,18 @@ def test_summary_matches_the_definitions_on_random_vectors(monkeypatch, block_ro
 
 def test_distances_of_hand_made_vectors(monkeypatch):
     monkeypatch.setattr(analysis, "BLOCK_ROWS", 2)
-    degrees = lambda *angles: np.stack([np.cos(np.deg2rad(angles)), np.sin(np.deg2rad(angles))], 1)
+
+    def degrees(*angles):
+        return np.stack([np.cos(np.deg2rad(angles)), np.sin(np.deg2rad(angles))], 1)
+
     queries = degrees(0, 90, 100)
     passages = degrees(10, 60, 180)
     # Query 0's true passages are 1 (60 off) and 2 (180 off): the closer counts. Query 2 has none.
     distances = analysis.embedding_distances(queries, passages, [(0, 1), (0, 2), (1, 1)])
-    cos = lambda angle: np.cos(np.deg2rad(angle))
+
+    def cos(angle):
+        return np.cos(np.deg2rad(angle))
+
     np.testing.assert_allclose(distances["query_top1_passage"],
                                1 - cos(np.array([10, 30, 40])))
     np.testing.assert_allclose(distances["query_true_passage"],
@@ -109,8 +115,11 @@ def _clusters(seed=0, count=30, dim=16):
 
 DPI = 150  # samtone.analysis saves every figure at 150 dpi
 # Figure sizes in inches, as samtone.analysis draws them (t-SNE: 6 inches a panel).
-TSNE_SIZE = lambda runs: (6.0 * runs + 0.5, 6.0)
 DISTANCES_SIZE, SIMILARITIES_SIZE = (11.0, 7.5), (7.5, 4.8)
+
+
+def TSNE_SIZE(runs):
+    return (6.0 * runs + 0.5, 6.0)
 
 
 def _colour_mask(image, colour):
@@ -146,7 +155,9 @@ def test_similarity_samples_enumerate_every_distinct_pair_when_few():
     # Queries at 0, 10, ..., 50 degrees; example e's passage at 5 + 10e degrees. Examples 0
     # and 1 share query 0, so (0, 1) is one query twice for query_query, and (q0, p1) is a
     # true pair for query_passage: both skipped.
-    degrees = lambda angles: np.stack([np.cos(np.deg2rad(angles)), np.sin(np.deg2rad(angles))], 1)
+    def degrees(angles):
+        return np.stack([np.cos(np.deg2rad(angles)), np.sin(np.deg2rad(angles))], 1)
+
     queries = degrees(np.arange(0, 60, 10))
     passages = degrees(np.arange(5, 70, 10))
     pairs = [(0, 0), (0, 1), (2, 2), (3, 3), (4, 4), (5, 5), (1, 6)]

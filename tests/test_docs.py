@@ -5,8 +5,8 @@ the command must be a console script of setup.py and every `--flag` shown must b
 command defines, as its own `--help` lists them (`--gin.NAME=...` for the commands that take
 Gin bindings, `--noFLAG` for a boolean flag). `python benchmarks/X.py` and `python scripts/X.py`
 must exist and accept the flags shown (their argparse `--help`). Files the pages name
-(`configs/`, `gin/`, `launch/`, `benchmarks/`, `scripts/`, `samtone/`, `tests/`) must exist, and links between the pages
-must resolve.
+(`configs/`, `gin/`, `launch/`, `benchmarks/`, `scripts/`, `samtone/`, `tests/`) must exist,
+and links between the pages must resolve.
 """
 import functools
 import re

@@ -19,7 +19,8 @@ CONFIG = t5_1_1_config("tiny", num_layers=1, dropout_rate=0.0)  # one layer: com
 PROJECTION_DIM = 16
 TREE_KEYS = {
     "sde": {"encoder", "projection_layer"},
-    "ade": {"query_encoder", "passage_encoder", "query_projection_layer", "passage_projection_layer"},
+    "ade": {"query_encoder", "passage_encoder", "query_projection_layer",
+            "passage_projection_layer"},
     "ade_spl": {"query_encoder", "passage_encoder", "projection_layer"},
 }
 
@@ -36,7 +37,8 @@ def tokens(lengths, length, seed):
 # Queries and passages share one length so that most tests reuse one compiled forward pass.
 QUERIES = tokens((6, 3, 8, 1), 12, seed=0)
 PASSAGES = tokens((12, 5, 9, 2), 12, seed=1)
-NEGATIVES = tokens((12, 4, 7, 12, 1, 3), 12, seed=2).reshape(2, 3, 12)[[0, 1, 0, 1]]  # [B=4, K=3, Lp]
+# [B=4, K=3, Lp]
+NEGATIVES = tokens((12, 4, 7, 12, 1, 3), 12, seed=2).reshape(2, 3, 12)[[0, 1, 0, 1]]
 
 
 @functools.cache  # compiling dominates these tests: build each model and jitted function once
@@ -76,7 +78,8 @@ def test_outputs_shapes_norms_and_negatives(architecture):
         assert embeddings.dtype == jnp.float32
         np.testing.assert_allclose(np.linalg.norm(embeddings, axis=-1), 1.0, atol=1e-5)
     # Negatives go through the passage tower, row by row.
-    np.testing.assert_allclose(outputs["negatives"], np.asarray(flat_negatives).reshape(4, 3, -1), atol=1e-6)
+    np.testing.assert_allclose(outputs["negatives"], np.asarray(flat_negatives).reshape(4, 3, -1),
+                               atol=1e-6)
     np.testing.assert_allclose(outputs["query"], queries, atol=1e-6)
     np.testing.assert_allclose(outputs["passage"], without_negatives["passage"], atol=1e-6)
 
@@ -89,7 +92,8 @@ def test_towers_share_what_the_architecture_says(architecture):
         np.testing.assert_allclose(same_text["query"], same_text["passage"], atol=1e-6)
         return
     assert not np.allclose(same_text["query"], same_text["passage"], atol=1e-3)
-    towers_differ = jax.tree.map(lambda q, p: not np.allclose(q, p), nn.unbox(params["query_encoder"]),
+    towers_differ = jax.tree.map(lambda q, p: not np.allclose(q, p),
+                                 nn.unbox(params["query_encoder"]),
                                  nn.unbox(params["passage_encoder"]))
     del towers_differ["encoder_norm"], towers_differ["layers_0"]["pre_attention_layer_norm"]
     del towers_differ["layers_0"]["pre_mlp_layer_norm"]  # norm scales start at one in both towers
@@ -109,7 +113,8 @@ def test_gradients_reach_every_tower_and_projection(architecture):
 
     def loss(p):
         outputs = model.apply({"params": p}, QUERIES, PASSAGES, NEGATIVES)
-        logits = outputs["query"] @ outputs["passage"].T + jnp.einsum("bd,bkd->bk", outputs["query"],
+        logits = outputs["query"] @ outputs["passage"].T + jnp.einsum("bd,bkd->bk",
+                                                                      outputs["query"],
                                                                       outputs["negatives"]).sum()
         return -jnp.mean(jax.nn.log_softmax(logits / 0.05, axis=-1).diagonal())
 
@@ -150,7 +155,8 @@ def test_pretrained_encoder_fills_every_tower(architecture, scan_layers):
     model = DualEncoder(config, architecture=architecture, projection_dim=PROJECTION_DIM)
     # A pretrained tree as the importers give it: plain numpy, one subtree per layer.
     unscanned = dataclasses.replace(config, scan_layers=False)
-    pretrained = jax.tree.map(np.asarray, nn.unbox(jax.jit(T5Encoder(unscanned).init)(jax.random.key(7), QUERIES)["params"]))
+    pretrained = jax.tree.map(np.asarray, nn.unbox(
+        jax.jit(T5Encoder(unscanned).init)(jax.random.key(7), QUERIES)["params"]))
     mesh = partitioning.make_mesh((1, 1), devices=jax.devices()[:1])
     rules = partitioning.logical_axis_rules("data")
     batch = {"query_tokens": QUERIES, "passage_tokens": PASSAGES}

@@ -77,7 +77,10 @@ def pytrec_means(run_file, data, judged):
              for q, passages in judged.items()}
     per_query = pytrec_eval.RelevanceEvaluator(
         qrels, {"P.1", "recip_rank", "ndcg_cut.10", "recall.1,10,100"}).evaluate(run)
-    mean = lambda name: np.mean([values[name] for values in per_query.values()])
+
+    def mean(name):
+        return np.mean([values[name] for values in per_query.values()])
+
     reciprocal = np.array([values["recip_rank"] for values in per_query.values()])
     return {"P@1": mean("P_1"), "MRR@10": np.mean(np.where(reciprocal >= 0.1, reciprocal, 0)),
             "NDCG@10": mean("ndcg_cut_10"), "Recall@1": mean("recall_1"),

@@ -22,7 +22,7 @@ from samtone.export import stablehlo
 from samtone.data import smoke_path
 from samtone.data.tokenizer import Tokenizer
 from samtone.models import dual_encoder, t5
-from tiny_runs import (PASSAGE_LENGTH, QUERY_LENGTH, REPO, run_command, smoke_model,
+from tiny_runs import (PASSAGE_LENGTH, QUERY_LENGTH, run_command, smoke_model,
                             smoke_texts, train_tiny_run)
 
 

@@ -1,4 +1,5 @@
-"""keep_freed_memory: a jitted CPU computation's temporaries mostly stop page-faulting after a few runs.
+"""keep_freed_memory: a jitted CPU computation's temporaries mostly stop page-faulting after a few
+runs.
 
 Each case runs in its own process: mallopt settings are process-wide and cannot be undone.
 The page faults are the kernel's count (getrusage), independent of glibc and XLA.
@@ -39,8 +40,8 @@ SETTLED = slice(4, None)  # the executions after the heap has first grown to fit
 def execution_page_faults(mode: str) -> list[int]:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
-    done = subprocess.run([sys.executable, "-c", PROGRAM, mode, str(EXECUTIONS)], capture_output=True, text=True,
-                          env=env, timeout=300, check=False)
+    done = subprocess.run([sys.executable, "-c", PROGRAM, mode, str(EXECUTIONS)],
+                          capture_output=True, text=True, env=env, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 from jax.test_util import check_grads
-from sentence_transformers.sentence_transformer.losses import CoSENTLoss, MultipleNegativesRankingLoss
+from sentence_transformers.sentence_transformer.losses import (CoSENTLoss,
+                                                               MultipleNegativesRankingLoss)
 
 from samtone import losses
 
@@ -31,7 +32,8 @@ def _embeddings(seed=0, batch=BATCH, dim=DIM, per_example=PER_EXAMPLE):
     rng = np.random.default_rng(seed)
     query = rng.normal(size=(batch, dim)).astype(np.float32)
     passage = (query + 0.7 * rng.normal(size=(batch, dim))).astype(np.float32)
-    negatives = (passage[:, None] + 1.0 * rng.normal(size=(batch, per_example, dim))).astype(np.float32)
+    negatives = (passage[:, None]
+                 + 1.0 * rng.normal(size=(batch, per_example, dim))).astype(np.float32)
     return query, passage, negatives
 
 
@@ -74,7 +76,8 @@ def reference_samtone(query, passage, negatives=None, *, temperature, query_same
         n = _normalize(np.reshape(negatives, (batch, -1, q.shape[1])))
         for i in range(batch):
             for k in range(n.shape[1]):
-                nid = ("n", i, k) if negative_ids is None else np.reshape(negative_ids, (batch, -1))[i, k]
+                nid = (("n", i, k) if negative_ids is None
+                       else np.reshape(negative_ids, (batch, -1))[i, k])
                 hard.append((i, n[i, k], nid))
 
     def labelled(i, passage_id):  # the batch pairs q_i's id with this passage id
@@ -92,20 +95,24 @@ def reference_samtone(query, passage, negatives=None, *, temperature, query_same
 
     def query_row(i):
         terms = [logit(q[i], p[i], "positive")]
-        terms += [logit(q[i], p[j], "cross") for j in range(batch) if j != i and not labelled(i, pid[j])]
+        terms += [logit(q[i], p[j], "cross") for j in range(batch)
+                  if j != i and not labelled(i, pid[j])]
         terms += [logit(q[i], vector, "hard", own=owner == i)
                   for owner, vector, nid in hard if not labelled(i, nid)]
         if query_same_tower:
             terms += [logit(q[i], q[j], "same") for j in range(batch) if j != i
-                      and not any(labelled(i, pid[m]) and labelled(j, pid[m]) for m in range(batch))]
+                      and not any(labelled(i, pid[m]) and labelled(j, pid[m])
+                                  for m in range(batch))]
         return _logsumexp(terms) - terms[0]
 
     def passage_row(i):
         terms = [logit(p[i], q[i], "positive")]
-        terms += [logit(p[i], q[j], "cross") for j in range(batch) if j != i and not labelled(j, pid[i])]
+        terms += [logit(p[i], q[j], "cross") for j in range(batch)
+                  if j != i and not labelled(j, pid[i])]
         if passage_same_tower:
             terms += [logit(p[i], p[j], "same") for j in range(batch) if j != i
-                      and not any(labelled(m, pid[i]) and labelled(m, pid[j]) for m in range(batch))]
+                      and not any(labelled(m, pid[i]) and labelled(m, pid[j])
+                                  for m in range(batch))]
         return _logsumexp(terms) - terms[0]
 
     loss = np.mean([query_row(i) for i in range(batch)])
@@ -155,7 +162,8 @@ _ST_HARDNESS = {"hard": "hard_negatives", "in_batch": "in_batch_negatives", "all
 def sentence_transformers_mnrl(anchors, candidates, negatives=None, *, temperature, same_tower,
                                hardness_alpha=0.0, hardness_target=None, partition_mode="joint",
                                extra_directions=()):
-    directions = ("query_to_doc",) + (("query_to_query",) if same_tower else ()) + tuple(extra_directions)
+    directions = (("query_to_doc",) + (("query_to_query",) if same_tower else ())
+                  + tuple(extra_directions))
     mode = _ST_HARDNESS[hardness_target] if hardness_alpha and hardness_target else None
     loss = MultipleNegativesRankingLoss(
         model=None, scale=1.0 / temperature, directions=directions, partition_mode=partition_mode,
@@ -188,14 +196,16 @@ def test_samtone_matches_reference(negatives_form, query_same_tower, passage_sam
     if with_ids:
         ids = dict(query_ids=QUERY_IDS, passage_ids=PASSAGE_IDS)
         if negatives_form is not None:
-            ids["negative_ids"] = NEGATIVE_IDS if negatives_form == "3d" else NEGATIVE_IDS.reshape(-1)
+            ids["negative_ids"] = (NEGATIVE_IDS if negatives_form == "3d"
+                                   else NEGATIVE_IDS.reshape(-1))
     given_negatives = {None: None, "3d": negatives,
                        "flat": negatives.reshape(-1, DIM)}[negatives_form]
     options = dict(temperature=0.2, query_same_tower=query_same_tower,
                    passage_same_tower=passage_same_tower, bidirectional=bidirectional,
                    hardness_alpha=hardness_alpha, hardness_target=hardness_target, **ids)
     actual = losses.samtone_loss(query, passage, negatives=given_negatives, **options)
-    expected = reference_samtone(query, passage, None if negatives_form is None else negatives, **options)
+    expected = reference_samtone(query, passage, None if negatives_form is None else negatives,
+                                 **options)
     assert actual.dtype == jnp.float32 and actual.shape == ()
     _close(actual, expected)
 
@@ -206,13 +216,15 @@ def test_negative_shapes_agree_and_in_batch_softmax_is_samtone_without_same_towe
                    query_ids=QUERY_IDS, passage_ids=PASSAGE_IDS)
     flat = losses.samtone_loss(query, passage, negatives=negatives.reshape(-1, DIM),
                                negative_ids=NEGATIVE_IDS.reshape(-1), **options)
-    nested = losses.samtone_loss(query, passage, negatives=negatives, negative_ids=NEGATIVE_IDS, **options)
+    nested = losses.samtone_loss(query, passage, negatives=negatives, negative_ids=NEGATIVE_IDS,
+                                 **options)
     _close(flat, nested, 1e-6)
     for bidirectional in (False, True):
         in_batch = losses.in_batch_softmax_loss(query, passage, negatives=negatives,
                                                 bidirectional=bidirectional, **options)
-        samtone = losses.samtone_loss(query, passage, negatives=negatives, bidirectional=bidirectional,
-                                      query_same_tower=False, passage_same_tower=False, **options)
+        samtone = losses.samtone_loss(query, passage, negatives=negatives,
+                                      bidirectional=bidirectional, query_same_tower=False,
+                                      passage_same_tower=False, **options)
         _close(in_batch, samtone, 1e-6)
     # in_batch_softmax_loss is one-way by default.
     _close(losses.in_batch_softmax_loss(query, passage),
@@ -226,8 +238,10 @@ _ST_HARDNESS_CASES = [(0.0, None), (3.0, "hard"), (3.0, "in_batch"), (3.0, "all"
 
 
 def _st_comparable(same_tower_flags):
-    """(flags, alpha, target) cases; MNRL's all_negatives never weights same-tower terms, ours does."""
-    return [(*flags, alpha, target) for flags in same_tower_flags for alpha, target in _ST_HARDNESS_CASES
+    """(flags, alpha, target) cases; MNRL's all_negatives never weights same-tower terms, ours
+    does."""
+    return [(*flags, alpha, target)
+            for flags in same_tower_flags for alpha, target in _ST_HARDNESS_CASES
             if not (target == "all" and any(flags))]
 
 
@@ -240,8 +254,9 @@ def test_one_way_matches_sentence_transformers(query_same_tower, with_negatives,
     negatives = negatives if with_negatives else None
     temperature = 0.01
     actual = losses.samtone_loss(
-        query, passage, negatives=negatives, temperature=temperature, query_same_tower=query_same_tower,
-        bidirectional=False, hardness_alpha=hardness_alpha, hardness_target=hardness_target or "hard")
+        query, passage, negatives=negatives, temperature=temperature,
+        query_same_tower=query_same_tower, bidirectional=False, hardness_alpha=hardness_alpha,
+        hardness_target=hardness_target or "hard")
     expected = sentence_transformers_mnrl(
         query, passage, negatives, temperature=temperature, same_tower=query_same_tower,
         hardness_alpha=hardness_alpha, hardness_target=hardness_target)
@@ -256,20 +271,24 @@ def test_bidirectional_matches_sentence_transformers_with_roles_swapped(
     query, passage, negatives = _embeddings(seed=4)
     temperature = 0.05
     actual = losses.samtone_loss(
-        query, passage, negatives=negatives, temperature=temperature, query_same_tower=query_same_tower,
-        passage_same_tower=passage_same_tower, bidirectional=True, hardness_alpha=hardness_alpha,
+        query, passage, negatives=negatives, temperature=temperature,
+        query_same_tower=query_same_tower, passage_same_tower=passage_same_tower,
+        bidirectional=True, hardness_alpha=hardness_alpha,
         hardness_target=hardness_target or "hard")
     query_to_passage = sentence_transformers_mnrl(
         query, passage, negatives, temperature=temperature, same_tower=query_same_tower,
         hardness_alpha=hardness_alpha, hardness_target=hardness_target)
-    passage_to_query = sentence_transformers_mnrl(  # no hard negatives on this side: "hard" weighs nothing
+    # No hard negatives on this side: "hard" weighs nothing.
+    passage_to_query = sentence_transformers_mnrl(
         passage, query, temperature=temperature, same_tower=passage_same_tower,
-        hardness_alpha=0.0 if hardness_target == "hard" else hardness_alpha, hardness_target=hardness_target)
+        hardness_alpha=0.0 if hardness_target == "hard" else hardness_alpha,
+        hardness_target=hardness_target)
     _close(actual, 0.5 * (query_to_passage + passage_to_query), 2e-4)
 
 
 @pytest.mark.parametrize("hardness_alpha,hardness_target", [(0.0, None), (3.0, "hard")])
-def test_bidirectional_in_batch_matches_sentence_transformers_doc_to_query(hardness_alpha, hardness_target):
+def test_bidirectional_in_batch_matches_sentence_transformers_doc_to_query(
+        hardness_alpha, hardness_target):
     """MNRL's per_direction ("query_to_doc", "doc_to_query") is the bidirectional in-batch softmax.
 
     ("doc_to_doc" has no counterpart: it only exists in MNRL's joint mode, which puts both
@@ -279,8 +298,9 @@ def test_bidirectional_in_batch_matches_sentence_transformers_doc_to_query(hardn
     actual = losses.in_batch_softmax_loss(query, passage, negatives=negatives, temperature=0.02,
                                           bidirectional=True, hardness_alpha=hardness_alpha)
     expected = sentence_transformers_mnrl(
-        query, passage, negatives, temperature=0.02, same_tower=False, hardness_alpha=hardness_alpha,
-        hardness_target=hardness_target, partition_mode="per_direction", extra_directions=("doc_to_query",))
+        query, passage, negatives, temperature=0.02, same_tower=False,
+        hardness_alpha=hardness_alpha, hardness_target=hardness_target,
+        partition_mode="per_direction", extra_directions=("doc_to_query",))
     _close(actual, expected, 2e-4)
 
 
@@ -292,7 +312,8 @@ def test_masking_a_duplicate_passage_changes_the_loss():
     query, passage, _ = _embeddings(seed=6)
     passage[3] = passage[1]  # the same passage text, answering two different queries
     passage_ids = np.array([10, 11, 12, 11, 14])
-    options = dict(temperature=0.05, query_same_tower=True, passage_same_tower=True, bidirectional=True)
+    options = dict(temperature=0.05, query_same_tower=True, passage_same_tower=True,
+                   bidirectional=True)
     unmasked = losses.samtone_loss(query, passage, **options)
     masked = losses.samtone_loss(query, passage, passage_ids=passage_ids, **options)
     # Unmasked, q_1's denominator holds p_3 = p_1 with the positive's own logit (row 1 alone
@@ -307,7 +328,8 @@ def test_hard_negative_equal_to_a_positive_is_dropped_only_where_it_is_a_positiv
     negatives[4, 1] = passage[1]  # mined for q_4, but it is q_1's positive
     negative_ids = np.array([[20, 21], [22, 23], [24, 25], [26, 27], [28, 11]])
     passage_ids = np.array([10, 11, 12, 13, 14])
-    options = dict(temperature=0.05, bidirectional=False, query_same_tower=False, negatives=negatives)
+    options = dict(temperature=0.05, bidirectional=False, query_same_tower=False,
+                   negatives=negatives)
     unmasked = losses.samtone_loss(query, passage, **options)
     masked = losses.samtone_loss(query, passage, passage_ids=passage_ids, negative_ids=negative_ids,
                                  **options)
@@ -355,7 +377,8 @@ def test_identical_vectors_at_temperature_001_give_finite_loss_and_gradients():
     # Cosine 1 everywhere: the positive logit is 100, each negative's 100 + 9. Query rows have
     # 2(B-1) + BK negatives, passage rows 2(B-1).
     query_negatives, passage_negatives = 2 * (BATCH - 1) + BATCH * PER_EXAMPLE, 2 * (BATCH - 1)
-    expected = 0.5 * (np.log1p(query_negatives * np.exp(9.0)) + np.log1p(passage_negatives * np.exp(9.0)))
+    expected = 0.5 * (np.log1p(query_negatives * np.exp(9.0))
+                      + np.log1p(passage_negatives * np.exp(9.0)))
     _close(loss, expected)
     for grad in grads:
         assert np.all(np.isfinite(grad))
@@ -404,7 +427,8 @@ def test_gradients_match_finite_differences(loss_name):
 
 
 def test_hardness_bonus_carries_no_gradient():
-    """grad(loss) = grad of the same softmax with the bonus alpha * s frozen at the current point."""
+    """grad(loss) = grad of the same softmax with the bonus alpha * s frozen at the current
+    point."""
     query, passage, _ = _embeddings(seed=13)
     temperature, alpha = 0.1, 4.0
 
@@ -415,7 +439,8 @@ def test_hardness_bonus_carries_no_gradient():
         return jnp.mean(jax.nn.logsumexp(logits, axis=1) - jnp.diagonal(logits))
 
     frozen = _normalize(query) @ _normalize(passage).T
-    expected = jax.grad(frozen_bonus_loss, argnums=(0, 1))(query, passage, jnp.asarray(frozen, jnp.float32))
+    expected = jax.grad(frozen_bonus_loss, argnums=(0, 1))(query, passage,
+                                                           jnp.asarray(frozen, jnp.float32))
     actual = jax.grad(functools.partial(losses.in_batch_softmax_loss, temperature=temperature,
                                         hardness_alpha=alpha, hardness_target="in_batch"),
                       argnums=(0, 1))(query, passage)
@@ -428,8 +453,8 @@ def test_jit_matches_eager():
     loss_fn = functools.partial(losses.samtone_loss, temperature=0.01, passage_same_tower=True,
                                 hardness_alpha=1.0, hardness_target="all")
     args = (query, passage, negatives, QUERY_IDS, PASSAGE_IDS, NEGATIVE_IDS)
-    jitted = jax.jit(lambda q, p, n, qi, pi, ni: loss_fn(q, p, negatives=n, query_ids=qi, passage_ids=pi,
-                                                         negative_ids=ni))
+    jitted = jax.jit(lambda q, p, n, qi, pi, ni: loss_fn(q, p, negatives=n, query_ids=qi,
+                                                         passage_ids=pi, negative_ids=ni))
     _close(jitted(*args), loss_fn(query, passage, negatives=negatives, query_ids=QUERY_IDS,
                                   passage_ids=PASSAGE_IDS, negative_ids=NEGATIVE_IDS), 1e-5)
 
@@ -449,7 +474,8 @@ def test_pair_matches_reference(alpha, with_ids):
 
 def test_pair_without_passage_term_is_in_batch_softmax():
     query, passage, _ = _embeddings(seed=16)
-    _close(losses.pair_loss(query, passage, alpha=0.0), losses.in_batch_softmax_loss(query, passage), 1e-6)
+    _close(losses.pair_loss(query, passage, alpha=0.0),
+           losses.in_batch_softmax_loss(query, passage), 1e-6)
 
 
 @pytest.mark.parametrize("scale", [20.0, 100.0])
@@ -496,13 +522,17 @@ def test_in_batch_accuracy():
     (lambda q, p, n: losses.samtone_loss(q, p, negatives=n[None]), "rank 4"),
     (lambda q, p, n: losses.samtone_loss(q, p, negatives=n[:, :, :-1]), "D=6"),
     (lambda q, p, n: losses.samtone_loss(q, p, negatives=n[:-1]), "B=5"),
-    (lambda q, p, n: losses.samtone_loss(q, p, negatives=n.reshape(-1, DIM)[:-1]), "multiple of B=5"),
-    (lambda q, p, n: losses.samtone_loss(q, p, query_ids=QUERY_IDS[:-1]), "query_ids must have shape"),
+    (lambda q, p, n: losses.samtone_loss(q, p, negatives=n.reshape(-1, DIM)[:-1]),
+     "multiple of B=5"),
+    (lambda q, p, n: losses.samtone_loss(q, p, query_ids=QUERY_IDS[:-1]),
+     "query_ids must have shape"),
     (lambda q, p, n: losses.samtone_loss(q, p, negatives=n, passage_ids=PASSAGE_IDS,
-                                         negative_ids=NEGATIVE_IDS[:, :1]), "negative_ids must have shape"),
+                                         negative_ids=NEGATIVE_IDS[:, :1]),
+     "negative_ids must have shape"),
     (lambda q, p, n: losses.samtone_loss(q, p, negatives=n, negative_ids=NEGATIVE_IDS),
      "needs negatives and passage_ids"),
-    (lambda q, p, n: losses.samtone_loss(q, p, hardness_target="hard_negatives"), "hardness_target"),
+    (lambda q, p, n: losses.samtone_loss(q, p, hardness_target="hard_negatives"),
+     "hardness_target"),
     (lambda q, p, n: losses.samtone_loss(q, p, hardness_alpha=-1.0), "hardness_alpha"),
     (lambda q, p, n: losses.samtone_loss(q, p, temperature=0.0), "temperature"),
     (lambda q, p, n: losses.pair_loss(q, p[:-1]), "same batch size"),

@@ -64,10 +64,13 @@ def test_pack_is_deterministic_and_fills_rows():
 
 
 def test_pad_rows_adds_empty_rows_to_packed_arrays_only():
-    batch = {"query_tokens": np.ones((3, 4), np.int32), "query_segment_ids": np.ones((3, 4), np.int32),
-             "passage_tokens": np.ones((8, 6), np.int32), "passage_segment_ids": np.ones((8, 6), np.int32),
+    batch = {"query_tokens": np.ones((3, 4), np.int32),
+             "query_segment_ids": np.ones((3, 4), np.int32),
+             "passage_tokens": np.ones((8, 6), np.int32),
+             "passage_segment_ids": np.ones((8, 6), np.int32),
              "query_ids": np.arange(5, dtype=np.int32)}
-    assert packing.is_packed(batch) and not packing.is_packed({"query_tokens": batch["query_tokens"]})
+    assert (packing.is_packed(batch)
+            and not packing.is_packed({"query_tokens": batch["query_tokens"]}))
     padded = packing.pad_rows(batch, 4)
     assert padded["query_tokens"].shape == (4, 4) and padded["passage_tokens"].shape == (8, 6)
     assert not padded["query_tokens"][3].any() and not padded["query_segment_ids"][3].any()

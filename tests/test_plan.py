@@ -43,7 +43,8 @@ def test_flops_are_six_times_parameters_times_tokens_plus_attention():
     # The rest is the attention scores (2 * 2 L h per token and layer) and the projection.
     config = model.config
     inner = config.num_heads * config.d_kv
-    attention = 3 * 2 * 2 * inner * config.num_layers * BATCH * (QUERY_LENGTH**2 + PASSAGE_LENGTH**2)
+    attention = (3 * 2 * 2 * inner * config.num_layers * BATCH
+                 * (QUERY_LENGTH**2 + PASSAGE_LENGTH**2))
     projection = 3 * 2 * 2 * BATCH * config.d_model * model.projection_dim
     assert flops == pytest.approx(six_n_t + attention + projection, rel=1e-12)
     assert 1.0 < flops / six_n_t < 1.2
@@ -58,7 +59,8 @@ def test_flops_of_texts_count_each_text_at_its_own_length():
     queries, passages = np.array([3, 8, 5]), np.array([16, 2, 9, 12, 1, 7])  # 3 negatives too
     flops = plan.texts_train_flops(model, queries, passages)
     expected = (sum(plan.train_step_flops(model, 1, q, p) for q, p in zip(queries, passages[:3]))
-                + sum(plan.train_step_flops(model, 1, 0, n) - plan.train_step_flops(model, 1, 0, 0) / 2
+                + sum(plan.train_step_flops(model, 1, 0, n)
+                      - plan.train_step_flops(model, 1, 0, 0) / 2
                       for n in passages[3:]))
     assert flops == pytest.approx(expected, rel=1e-12)
     assert plan.train_step_flops(model, BATCH, QUERY_LENGTH, PASSAGE_LENGTH, 1) == (

@@ -284,7 +284,7 @@ def test_a_missing_data_file_is_named_with_its_flag(run, pairs, tmp_path, comman
     assert not os.listdir(tmp_path)
 
 
-# --- 9. samtone-eval --top_k below the metrics' depth ----------------------------------------------
+# --- 9. samtone-eval --top_k below the metrics' depth --------------------------------------------
 
 
 @pytest.mark.slow
@@ -306,7 +306,7 @@ def test_eval_top_k_20_writes_20_per_query_and_the_full_depth_metrics(run, pairs
     assert len(deep_lines) == 150 * 100
 
 
-# --- 10. Ctrl-C during --format=saved_model ---------------------------------------------------------
+# --- 10. Ctrl-C during --format=saved_model ------------------------------------------------------
 
 
 def _swallowed_ctrl_c(*args, **kwargs):

@@ -1,4 +1,5 @@
-"""T5Encoder against transformers' T5EncoderModel, and its scan / remat / bf16 / sharded variants."""
+"""T5Encoder against transformers' T5EncoderModel, and its scan / remat / bf16 / sharded
+variants."""
 import dataclasses
 import functools
 import json
@@ -62,11 +63,14 @@ def save_hf(model, directory, weights: str):
         torch.save(state, directory / "pytorch_model.bin")
     elif weights == "sharded":
         names = sorted(state)
-        shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+        shards = {"model-00001-of-00002.safetensors": names[::2],
+                  "model-00002-of-00002.safetensors": names[1::2]}
         for file, shard_names in shards.items():
-            safetensors_numpy.save_file({n: state[n].numpy() for n in shard_names}, str(directory / file))
+            safetensors_numpy.save_file({n: state[n].numpy() for n in shard_names},
+                                        str(directory / file))
         weight_map = {n: file for file, shard_names in shards.items() for n in shard_names}
-        (directory / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        (directory / "model.safetensors.index.json").write_text(
+            json.dumps({"weight_map": weight_map}))
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +84,8 @@ def hf_gated(tmp_path_factory):
 def hf_hidden(model, ids):
     with torch.no_grad():
         mask = torch.tensor(ids != 0)
-        return model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=mask).last_hidden_state.numpy()
+        return model(input_ids=torch.tensor(ids, dtype=torch.long),
+                     attention_mask=mask).last_hidden_state.numpy()
 
 
 @functools.cache  # compiling dominates these tests: one jitted function per config
@@ -88,7 +93,8 @@ def _jitted(config, what):
     model = T5Encoder(config)
     if what == "apply":
         return jax.jit(lambda p, ids: model.apply({"params": p}, ids))
-    return jax.jit(jax.value_and_grad(lambda p, ids: jnp.sum(jnp.square(model.apply({"params": p}, ids)))))
+    return jax.jit(jax.value_and_grad(
+        lambda p, ids: jnp.sum(jnp.square(model.apply({"params": p}, ids)))))
 
 
 def encode(config, params, ids):
@@ -100,13 +106,16 @@ def test_relative_position_buckets_match_hf():
     position = torch.arange(300)
     relative = position[None, :] - position[:, None]
     for num_buckets, max_distance in [(32, 128), (32, 32), (16, 20), (64, 256)]:
-        expected = bucket_fn(relative, bidirectional=True, num_buckets=num_buckets, max_distance=max_distance)
-        np.testing.assert_array_equal(relative_position_buckets(300, num_buckets, max_distance), expected.numpy())
+        expected = bucket_fn(relative, bidirectional=True, num_buckets=num_buckets,
+                             max_distance=max_distance)
+        np.testing.assert_array_equal(relative_position_buckets(300, num_buckets, max_distance),
+                                      expected.numpy())
 
 
 @pytest.mark.parametrize(
     "feed_forward_proj,weights",
-    [("gated-gelu", "safetensors"), ("gated-gelu", "bin"), ("gated-gelu", "sharded"), ("relu", "safetensors")],
+    [("gated-gelu", "safetensors"), ("gated-gelu", "bin"), ("gated-gelu", "sharded"),
+     ("relu", "safetensors")],
 )
 def test_matches_hf_t5_encoder(tmp_path, feed_forward_proj, weights):
     model = hf_model(feed_forward_proj)
@@ -114,7 +123,8 @@ def test_matches_hf_t5_encoder(tmp_path, feed_forward_proj, weights):
     config, params = load_hf_t5_encoder(tmp_path)
 
     hf = model.config
-    assert (config.d_model, config.d_kv, config.d_ff, config.num_layers, config.num_heads, config.vocab_size) == (
+    assert (config.d_model, config.d_kv, config.d_ff, config.num_layers, config.num_heads,
+            config.vocab_size) == (
         hf.d_model, hf.d_kv, hf.d_ff, hf.num_layers, hf.num_heads, hf.vocab_size)
     assert config.relative_attention_max_distance == 32
     assert config.feed_forward_proj == feed_forward_proj
@@ -130,16 +140,20 @@ def test_matches_hf_t5_encoder(tmp_path, feed_forward_proj, weights):
 
 def test_load_errors_name_file_and_tensor(tmp_path):
     model = hf_model("gated-gelu")
-    state = {k: v.numpy() for k, v in model.state_dict().items() if k != "encoder.block.1.layer.1.DenseReluDense.wo.weight"}
+    state = {k: v.numpy() for k, v in model.state_dict().items()
+             if k != "encoder.block.1.layer.1.DenseReluDense.wo.weight"}
     model.config.save_pretrained(tmp_path)
     safetensors_numpy.save_file(state, str(tmp_path / "model.safetensors"))
-    with pytest.raises(ValueError, match=r"model\.safetensors.*encoder\.block\.1\.layer\.1\.DenseReluDense\.wo\.weight"):
+    with pytest.raises(ValueError,
+                       match=r"model\.safetensors.*encoder\.block\.1\.layer\.1\."
+                             r"DenseReluDense\.wo\.weight"):
         load_hf_t5_encoder(tmp_path)
 
     config = json.loads((tmp_path / "config.json").read_text())
     config["d_ff"] = 48
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"model\.safetensors.*DenseReluDense\.wi_0\.weight.*shape"):
+    with pytest.raises(ValueError,
+                       match=r"model\.safetensors.*DenseReluDense\.wi_0\.weight.*shape"):
         load_hf_t5_encoder(tmp_path)
 
     config["feed_forward_proj"] = "gated-silu"
@@ -153,7 +167,8 @@ def test_load_errors_name_file_and_tensor(tmp_path):
 def test_presets_and_overrides():
     assert set(T5_1_1_PRESETS) == {"tiny", "small", "base", "large", "xl", "xxl"}
     xl = t5_1_1_config("xl")
-    assert (xl.d_model, xl.d_kv, xl.d_ff, xl.num_layers, xl.num_heads, xl.vocab_size) == (2048, 64, 5120, 24, 32, 32128)
+    assert (xl.d_model, xl.d_kv, xl.d_ff, xl.num_layers, xl.num_heads, xl.vocab_size) == (
+        2048, 64, 5120, 24, 32, 32128)
     assert t5_1_1_config("base", dropout_rate=0.0, scan_layers=True).scan_layers
     with pytest.raises(ValueError, match="small, base"):
         t5_1_1_config("huge")
@@ -165,11 +180,13 @@ def test_presets_and_overrides():
 
 def test_param_names_and_logical_axes():
     config = t5_1_1_config("tiny")
-    boxed = jax.eval_shape(T5Encoder(config).init, jax.random.key(0), jnp.ones((1, 4), jnp.int32))["params"]
+    boxed = jax.eval_shape(T5Encoder(config).init, jax.random.key(0),
+                           jnp.ones((1, 4), jnp.int32))["params"]
     specs = {
         "/".join(k.key for k in path): tuple(spec)
         for path, spec in jax.tree_util.tree_flatten_with_path(
-            nn.get_partition_spec(boxed), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0]
+            nn.get_partition_spec(boxed),
+            is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0]
     }
     expected = {
         "token_embedder/embedding": ("vocab", "embed"),
@@ -181,7 +198,8 @@ def test_param_names_and_logical_axes():
         expected |= {
             f"{layer}/pre_attention_layer_norm/scale": ("embed",),
             f"{layer}/pre_mlp_layer_norm/scale": ("embed",),
-            **{f"{layer}/attention/{n}/kernel": ("embed", "joined_kv") for n in ("query", "key", "value")},
+            **{f"{layer}/attention/{n}/kernel": ("embed", "joined_kv")
+               for n in ("query", "key", "value")},
             f"{layer}/attention/out/kernel": ("joined_kv", "embed"),
             f"{layer}/mlp/wi_0/kernel": ("embed", "mlp"),
             f"{layer}/mlp/wi_1/kernel": ("embed", "mlp"),
@@ -190,14 +208,16 @@ def test_param_names_and_logical_axes():
     assert specs == expected
 
 
-@pytest.mark.parametrize("remat_policy,scan_layers", [("full", False), ("dots", False), ("none", True), ("dots", True)])
+@pytest.mark.parametrize("remat_policy,scan_layers",
+                         [("full", False), ("dots", False), ("none", True), ("dots", True)])
 @pytest.mark.slow
 def test_remat_and_scan_match_plain(hf_gated, remat_policy, scan_layers):
     config, params = load_hf_t5_encoder(hf_gated[1])
     variant = dataclasses.replace(config, remat_policy=remat_policy, scan_layers=scan_layers)
     variant_params = stack_layer_params(params, config.num_layers) if scan_layers else params
     if scan_layers:  # the restacked tree is exactly what the scanned model initialises
-        initialised = jax.eval_shape(T5Encoder(variant).init, jax.random.key(0), jnp.ones((1, 4), jnp.int32))
+        initialised = jax.eval_shape(T5Encoder(variant).init, jax.random.key(0),
+                                     jnp.ones((1, 4), jnp.int32))
         assert jax.tree.map(lambda x: x.shape, nn.unbox(initialised["params"])) == jax.tree.map(
             lambda x: x.shape, variant_params)
         assert nn.get_partition_spec(initialised)["params"]["layers"]["mlp"]["wo"]["kernel"] == (
@@ -208,11 +228,13 @@ def test_remat_and_scan_match_plain(hf_gated, remat_policy, scan_layers):
     ids = jnp.asarray(token_ids())
     plain_loss, plain_grads = _jitted(config, "loss_and_grad")(params, ids)
     variant_loss, variant_grads = _jitted(variant, "loss_and_grad")(variant_params, ids)
-    np.testing.assert_allclose(encode(variant, variant_params, ids), encode(config, params, ids), atol=1e-5)
+    np.testing.assert_allclose(encode(variant, variant_params, ids), encode(config, params, ids),
+                               atol=1e-5)
     np.testing.assert_allclose(variant_loss, plain_loss, rtol=1e-5)
     if scan_layers:
         variant_grads = unstack_layer_params(variant_grads)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), variant_grads, plain_grads)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                 variant_grads, plain_grads)
 
 
 def test_dropout_uses_rng_and_deterministic_flag(hf_gated):
@@ -225,8 +247,8 @@ def test_dropout_uses_rng_and_deterministic_flag(hf_gated):
     other = apply({"params": params}, ids, deterministic=False, rngs={"dropout": jax.random.key(2)})
     np.testing.assert_array_equal(first, again)
     assert not np.allclose(first, other)
-    np.testing.assert_allclose(apply({"params": params}, ids, deterministic=True), encode(config, params, ids),
-                               atol=1e-6)
+    np.testing.assert_allclose(apply({"params": params}, ids, deterministic=True),
+                               encode(config, params, ids), atol=1e-6)
 
 
 @pytest.mark.slow
@@ -234,7 +256,8 @@ def test_bfloat16_activations_stay_close():
     config = t5_1_1_config("tiny", dropout_rate=0.0)
     bf16 = dataclasses.replace(config, dtype="bfloat16")  # the string form gin files use
     ids = jnp.asarray(token_ids())
-    params = jax.jit(T5Encoder(config).init)(jax.random.key(0), ids)["params"]  # T5's init: realistic scales
+    # T5's init: realistic scales
+    params = jax.jit(T5Encoder(config).init)(jax.random.key(0), ids)["params"]
     hidden = jax.jit(T5Encoder(bf16).apply)({"params": params}, ids)
     assert hidden.dtype == jnp.bfloat16
     real = np.asarray(ids) != 0
@@ -244,8 +267,9 @@ def test_bfloat16_activations_stay_close():
     # bfloat16 keeps ~3 significant digits; two layers of residual updates stay within a few %.
     assert np.all(np.isfinite(error)) and error.max() < 0.05 * scale and error.mean() < 0.01 * scale
 
-    bf16_params = jax.eval_shape(T5Encoder(dataclasses.replace(bf16, param_dtype=jnp.bfloat16)).init,
-                                 jax.random.key(0), ids)
+    bf16_params = jax.eval_shape(
+        T5Encoder(dataclasses.replace(bf16, param_dtype=jnp.bfloat16)).init,
+        jax.random.key(0), ids)
     assert {x.dtype for x in jax.tree.leaves(bf16_params)} == {jnp.dtype(jnp.bfloat16)}
 
 
@@ -259,7 +283,8 @@ def test_all_padding_row_is_finite():
     assert np.all(np.isfinite(jax.jit(T5Encoder(config).apply)(params, ids)))
 
 
-RULES = (("batch", "data"), ("mlp", "model"), ("heads", "model"), ("joined_kv", "model"), ("vocab", "model"))
+RULES = (("batch", "data"), ("mlp", "model"), ("heads", "model"), ("joined_kv", "model"),
+         ("vocab", "model"))
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])
@@ -282,7 +307,8 @@ def test_sharded_forward_matches_unsharded(hf_gated, scan_layers):
     assert wi_0.sharding.spec[-1] == "model"
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
-        forward = jax.jit(lambda p, x: model.apply({"params": p}, x), in_shardings=(param_shardings, ids_sharding))
+        forward = jax.jit(lambda p, x: model.apply({"params": p}, x),
+                          in_shardings=(param_shardings, ids_sharding))
         hidden = forward(sharded_params, jax.device_put(ids, ids_sharding))
     assert hidden.sharding.spec[0] == "data"
     # Sharded matmuls sum partial products in another order: float32 rounding only.

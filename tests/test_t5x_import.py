@@ -1,4 +1,5 @@
-"""samtone.checkpoints.t5x: reading T5X checkpoints written here, and the real fixture if present."""
+"""samtone.checkpoints.t5x: reading T5X checkpoints written here, and the real fixture if
+present."""
 import os
 import pathlib
 import sys
@@ -37,13 +38,15 @@ def _write_zarr(folder, array, chunks):
     return spec["metadata"]
 
 
-def _fake_dual_encoder_params(rng, vocab=11, embed=6, heads=2, d_kv=3, d_ff=5, projection=7, buckets=4):
+def _fake_dual_encoder_params(rng, vocab=11, embed=6, heads=2, d_kv=3, d_ff=5, projection=7,
+                              buckets=4):
     def normal(*shape):
         return rng.normal(size=shape).astype(np.float32)
 
     layer = lambda: {  # noqa: E731
         "pre_attention_layer_norm": {"scale": normal(embed)},
-        "attention": {name: {"kernel": normal(embed, heads * d_kv)} for name in ("query", "key", "value")}
+        "attention": {name: {"kernel": normal(embed, heads * d_kv)}
+                      for name in ("query", "key", "value")}
         | {"out": {"kernel": normal(heads * d_kv, embed)}},
         "pre_mlp_layer_norm": {"scale": normal(embed)},
         "mlp": {"wi": {"kernel": normal(embed, d_ff)}, "wo": {"kernel": normal(d_ff, embed)}},
@@ -75,8 +78,10 @@ def _write_checkpoint(directory, params, stored_in_zarr, *, legacy_path=(), abso
         if key in legacy_path:
             spec = {"driver": "zarr", "path": folder_name, "metadata": metadata}
         else:
-            path = f"gs://bucket/run/checkpoint_3/{folder_name}" if key in absolute_path else folder_name
-            spec = {"driver": "zarr", "kvstore": {"driver": "gfile", "path": path}, "metadata": metadata}
+            path = (f"gs://bucket/run/checkpoint_3/{folder_name}" if key in absolute_path
+                    else folder_name)
+            spec = {"driver": "zarr", "kvstore": {"driver": "gfile", "path": path},
+                    "metadata": metadata}
         node[key[-1]] = spec
     contents = {
         "version": 3,
@@ -95,7 +100,8 @@ ZARR_KEYS = [
 
 def _assert_trees_equal(actual, expected):
     assert jax.tree_util.tree_structure(actual) == jax.tree_util.tree_structure(expected)
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(actual), jax.tree_util.tree_leaves(expected)):
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(actual),
+                            jax.tree_util.tree_leaves(expected)):
         assert a.dtype == b.dtype and a.shape == b.shape, jax.tree_util.keystr(path)
         np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
 
@@ -125,9 +131,11 @@ def test_bfloat16_and_scalar_leaves_keep_their_dtype(tmp_path):
                     "small": np.ones(3, ml_dtypes.bfloat16)},
         "step_like": np.int32(7),
     }
-    loaded = t5x.load_t5x_checkpoint(_write_checkpoint(tmp_path / "c", params, [("encoder", "big")]))
+    loaded = t5x.load_t5x_checkpoint(_write_checkpoint(tmp_path / "c", params,
+                                                       [("encoder", "big")]))
     assert loaded["encoder"]["big"].dtype == ml_dtypes.bfloat16
-    np.testing.assert_array_equal(loaded["encoder"]["big"].astype(np.float32), np.arange(15.0).reshape(5, 3))
+    np.testing.assert_array_equal(loaded["encoder"]["big"].astype(np.float32),
+                                  np.arange(15.0).reshape(5, 3))
     assert loaded["encoder"]["small"].dtype == ml_dtypes.bfloat16
     assert loaded["step_like"] == 7 and loaded["step_like"].shape == ()
 
@@ -145,7 +153,8 @@ def test_missing_zarr_folder_names_checkpoint_and_key(tmp_path):
     for child in (directory / "target.encoder.layers_0.mlp.wi.kernel").iterdir():
         child.unlink()
     (directory / "target.encoder.layers_0.mlp.wi.kernel").rmdir()
-    with pytest.raises(ValueError, match=r"ckpt/checkpoint: cannot read target/encoder/layers_0/mlp/wi/kernel"):
+    with pytest.raises(ValueError,
+                       match=r"ckpt/checkpoint: cannot read target/encoder/layers_0/mlp/wi/kernel"):
         t5x.load_t5x_checkpoint(directory)
 
 
@@ -156,22 +165,26 @@ def test_bad_inputs_have_explicit_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no 'checkpoint' file"):
         t5x.load_t5x_checkpoint(tmp_path / "empty")
     (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "checkpoint").write_bytes(flax.serialization.msgpack_serialize({"params": {}}))
-    with pytest.raises(ValueError, match=r"other/checkpoint: expected .*found top-level \['params'\]"):
+    (tmp_path / "other" / "checkpoint").write_bytes(
+        flax.serialization.msgpack_serialize({"params": {}}))
+    with pytest.raises(ValueError,
+                       match=r"other/checkpoint: expected .*found top-level \['params'\]"):
         t5x.load_t5x_checkpoint(tmp_path / "other")
 
 
 def test_dual_encoder_conversion_layouts():
     params = _fake_dual_encoder_params(np.random.default_rng(0))
     encoder = t5x.t5x_encoder_to_samtone(params)
-    assert sorted(encoder) == ["encoder_norm", "layers_0", "layers_1", "relpos_bias", "token_embedder"]
+    assert sorted(encoder) == ["encoder_norm", "layers_0", "layers_1", "relpos_bias",
+                               "token_embedder"]
     assert encoder["token_embedder"] is params["token_embedder"]
     assert encoder["layers_1"] is params["encoder"]["layers_1"]
 
     sde = t5x.t5x_dual_encoder_to_samtone(params, "sde")
     assert sde == {"encoder": encoder, "projection_layer": params["projection_layer"]}
     ade = t5x.t5x_dual_encoder_to_samtone(params, "ade")
-    assert sorted(ade) == ["passage_encoder", "passage_projection_layer", "query_encoder", "query_projection_layer"]
+    assert sorted(ade) == ["passage_encoder", "passage_projection_layer", "query_encoder",
+                           "query_projection_layer"]
     assert ade["query_encoder"] == ade["passage_encoder"] == encoder
     ade_spl = t5x.t5x_dual_encoder_to_samtone(params, "ade_spl")
     assert sorted(ade_spl) == ["passage_encoder", "projection_layer", "query_encoder"]
@@ -185,7 +198,8 @@ def test_pretrained_t5_conversion_drops_decoder_and_rejects_dual_encoder_use():
     with pytest.raises(ValueError, match="projection_layer"):
         t5x.t5x_dual_encoder_to_samtone(pretrained, "sde")
     with pytest.raises(ValueError, match="encoder/encoder_norm"):
-        t5x.t5x_encoder_to_samtone({"token_embedder": {}, "encoder": {"relpos_bias": {}, "layers_0": {}}})
+        t5x.t5x_encoder_to_samtone({"token_embedder": {},
+                                    "encoder": {"relpos_bias": {}, "layers_0": {}}})
     with pytest.raises(ValueError, match="scanned"):
         t5x.t5x_encoder_to_samtone({"token_embedder": {}, "encoder": {"layers": {}}})
 
@@ -228,7 +242,8 @@ def test_real_t5x_retrieval_checkpoint():
     assert shapes["token_embedder"]["embedding"] == (32128, 4)
     assert shapes["encoder"]["relpos_bias"]["rel_embedding"] == (2, 4)  # heads, buckets
     assert shapes["encoder"]["layers_1"]["mlp"]["wi"]["kernel"] == (4, 8)  # T5 1.0 ReLU MLP
-    assert shapes["encoder"]["layers_0"]["attention"]["query"]["kernel"] == (4, 4)  # 2 heads x d_kv 2
+    # 2 heads x d_kv 2
+    assert shapes["encoder"]["layers_0"]["attention"]["query"]["kernel"] == (4, 4)
     assert shapes["projection_layer"]["kernel"] == (4, 768)
     assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(params))
     # The zarr folder and the numpy fallback agree on the real on-disk bytes.

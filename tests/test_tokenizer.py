@@ -42,7 +42,8 @@ def _pieces(model_path, text):
 
 def test_ids_follow_t5_conventions(tokenizer):
     assert (tokenizer.pad_id, tokenizer.eos_id, tokenizer.unk_id) == (0, 1, 2)
-    assert tokenizer.vocab_size == spm.SentencePieceProcessor(model_file=tokenizer.path).GetPieceSize()
+    assert (tokenizer.vocab_size
+            == spm.SentencePieceProcessor(model_file=tokenizer.path).GetPieceSize())
 
 
 @pytest.mark.parametrize("max_length", [1, 2, 5, 12, 40])
@@ -122,8 +123,9 @@ def test_non_sentencepiece_file_names_the_file(tmp_path):
 
 def test_model_with_other_ids_is_rejected(tmp_path):
     # sentencepiece's own defaults: unk=0, bos=1, eos=2, no pad.
-    spm.SentencePieceTrainer.Train(sentence_iterator=iter(CORPUS), model_prefix=str(tmp_path / "default"),
-                                   vocab_size=96, hard_vocab_limit=False, minloglevel=2)
+    spm.SentencePieceTrainer.Train(sentence_iterator=iter(CORPUS),
+                                   model_prefix=str(tmp_path / "default"), vocab_size=96,
+                                   hard_vocab_limit=False, minloglevel=2)
     with pytest.raises(ValueError, match=r"default\.model.*pad_id=-1.*pad_id=0, eos_id=1"):
         Tokenizer(tmp_path / "default.model")
 
@@ -134,7 +136,8 @@ def test_train_sentencepiece_from_file_uses_t5_ids(tmp_path):
     path = train_sentencepiece(corpus_file, tmp_path / "from_file", vocab_size=80)
     assert path == str(tmp_path / "from_file.model")
     processor = spm.SentencePieceProcessor(model_file=path)
-    assert (processor.pad_id(), processor.eos_id(), processor.unk_id(), processor.bos_id()) == (0, 1, 2, -1)
+    assert (processor.pad_id(), processor.eos_id(), processor.unk_id(),
+            processor.bos_id()) == (0, 1, 2, -1)
     assert processor.GetPieceSize() == 80
 
 

@@ -64,7 +64,8 @@ OPTIMIZER = recording(optimizers.make_optimizer(learning_rate=1e-2, total_steps=
                                                 min_dim_size_to_factor=8))
 # What samtone_loss takes (train_step.taken_inputs), as gin/losses/samtone_query.gin runs it.
 SAMTONE_INPUTS = ("negatives", "query_ids", "passage_ids", "negative_ids")
-LOSS_FN = train_step_lib.make_loss_fn(losses.samtone_loss, SAMTONE_INPUTS)  # query same-tower, bidirectional
+# query same-tower, bidirectional
+LOSS_FN = train_step_lib.make_loss_fn(losses.samtone_loss, SAMTONE_INPUTS)
 
 
 @functools.lru_cache(maxsize=None)
@@ -408,7 +409,8 @@ def test_bfloat16_step_runs_and_stays_close_to_float32():
     assert kernel(half).dtype == np.float32
     moved_full = kernel(full) - initial["query_encoder"]["layers_0"]["mlp"]["wi_0"]["kernel"]
     moved_half = kernel(half) - initial["query_encoder"]["layers_0"]["mlp"]["wi_0"]["kernel"]
-    cosine = np.sum(moved_full * moved_half) / np.linalg.norm(moved_full) / np.linalg.norm(moved_half)
+    cosine = (np.sum(moved_full * moved_half) / np.linalg.norm(moved_full)
+              / np.linalg.norm(moved_half))
     assert cosine > 0.95
 
 

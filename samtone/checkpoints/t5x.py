@@ -144,7 +144,8 @@ def _target_of(contents: Any, checkpoint_file: str) -> dict:
     if not isinstance(contents, dict) or not isinstance(contents.get("target"), dict):
         found = sorted(contents) if isinstance(contents, dict) else type(contents).__name__
         raise CheckpointError(
-            f"{checkpoint_file}: expected {{'optimizer': {{'target': params, ...}}}}, found top-level {found}"
+            f"{checkpoint_file}: expected {{'optimizer': {{'target': params, ...}}}}, "
+            f"found top-level {found}"
         )
     return contents["target"]
 
@@ -285,7 +286,8 @@ def t5x_encoder_to_samtone(t5x_params: dict) -> dict:
     encoder = _child(t5x_params, "encoder", "")
     if "layers" in encoder:
         raise CheckpointError("T5X params: encoder/layers is a scanned layer stack; only "
-                              "unscanned checkpoints (encoder/layers_0, layers_1, ...) are supported")
+                              "unscanned checkpoints (encoder/layers_0, layers_1, ...) "
+                              "are supported")
     for name in ("relpos_bias", "encoder_norm", "layers_0"):
         _child(encoder, name, "encoder/")
     return {"token_embedder": _child(t5x_params, "token_embedder", ""), **encoder}
@@ -302,7 +304,8 @@ def t5x_dual_encoder_to_samtone(t5x_params: dict, architecture: str) -> dict:
     encoder = t5x_encoder_to_samtone(t5x_params)
     if "projection_layer" not in t5x_params:
         raise CheckpointError(
-            f"T5X params: no 'projection_layer' (found {sorted(t5x_params)}); a pretrained T5 checkpoint "
-            "has none: use t5x_encoder_to_samtone with samtone.models.dual_encoder.tower_params"
+            f"T5X params: no 'projection_layer' (found {sorted(t5x_params)}); "
+            "a pretrained T5 checkpoint has none: use t5x_encoder_to_samtone with "
+            "samtone.models.dual_encoder.tower_params"
         )
     return dual_encoder.tower_params(encoder, architecture, t5x_params["projection_layer"])

@@ -299,7 +299,8 @@ def setting(name: str, default: Any = _UNSET) -> Any:
 
 
 def binding_source(name: str) -> str:
-    """`name`, followed by the macro it is bound to if any: 'train.num_train_steps (TRAIN_STEPS)'."""
+    """`name`, followed by the macro it is bound to if any:
+    'train.num_train_steps (TRAIN_STEPS)'."""
     try:
         value = gin.query_parameter(name)
     except ValueError:

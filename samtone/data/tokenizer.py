@@ -45,7 +45,8 @@ class Tokenizer:
         """
         self.path = os.fspath(spm_model_path)
         if not os.path.isfile(self.path):
-            raise MissingFileError(f"SentencePiece model not found: {self.path!r} (gin: VOCABULARY)")
+            raise MissingFileError(
+                f"SentencePiece model not found: {self.path!r} (gin: VOCABULARY)")
         processor = spm.SentencePieceProcessor()
         try:
             processor.Load(self.path)
@@ -96,7 +97,8 @@ class Tokenizer:
         line costs no more memory than a normal one.
         """
         if isinstance(texts, (str, bytes)):
-            raise TypeError("Tokenizer.encode takes a sequence of texts; wrap a single text in a list")
+            raise TypeError("Tokenizer.encode takes a sequence of texts; "
+                            "wrap a single text in a list")
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1 (room for EOS), got {max_length}")
         max_chars = MAX_CHARS_PER_TOKEN * max_length

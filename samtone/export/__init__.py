@@ -19,7 +19,8 @@ checkpoint are read (never the optimiser state), laid out over the available dev
 run's own rules, and always exported in the unscanned layout. A folder is written to a
 temporary sibling and renamed into place (samtone.output_folder), so an interrupted export
 leaves nothing that looks complete; an existing non-empty folder is replaced only with
-`overwrite`, and never when it is or holds the run exported (samtone.run_dir.check_output). Local paths only for the output; model_dir may be any path etils reads.
+`overwrite`, and never when it is or holds the run exported (samtone.run_dir.check_output).
+Local paths only for the output; model_dir may be any path etils reads.
 """
 from __future__ import annotations
 

@@ -54,7 +54,8 @@ class DualEncoder(nn.Module):
 
     def setup(self):
         if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"Unknown architecture {self.architecture!r}; valid: {', '.join(ARCHITECTURES)}")
+            raise ValueError(f"Unknown architecture {self.architecture!r}; "
+                             f"valid: {', '.join(ARCHITECTURES)}")
         if self.architecture == "sde":
             self.encoder = T5Encoder(self.config)
         else:
@@ -69,9 +70,11 @@ class DualEncoder(nn.Module):
     def _projection(self):
         # float32 whatever config.dtype: the pooled vector is the embedding's only input.
         return nn.Dense(
-            self.projection_dim, use_bias=False, dtype=jnp.float32, param_dtype=self.config.param_dtype,
+            self.projection_dim, use_bias=False, dtype=jnp.float32,
+            param_dtype=self.config.param_dtype,
             kernel_init=nn.with_logical_partitioning(
-                nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"), ("embed", "projection")
+                nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
+                ("embed", "projection")
             ),
         )
 
@@ -81,7 +84,8 @@ class DualEncoder(nn.Module):
             return self.encoder, self.projection_layer
         encoder = self.query_encoder if side == "query" else self.passage_encoder
         if self.architecture == "ade":
-            return encoder, (self.query_projection_layer if side == "query" else self.passage_projection_layer)
+            return encoder, (self.query_projection_layer if side == "query"
+                             else self.passage_projection_layer)
         return encoder, self.projection_layer
 
     def _encode(self, side, token_ids, segment_ids, num_texts, deterministic):

@@ -48,10 +48,12 @@ class T5Config:
     def __post_init__(self):
         if self.feed_forward_proj not in FEED_FORWARD_PROJS:
             raise ValueError(
-                f"T5Config.feed_forward_proj={self.feed_forward_proj!r}; expected one of {FEED_FORWARD_PROJS}"
+                f"T5Config.feed_forward_proj={self.feed_forward_proj!r}; "
+                f"expected one of {FEED_FORWARD_PROJS}"
             )
         if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(f"T5Config.remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
+            raise ValueError(f"T5Config.remat_policy={self.remat_policy!r}; "
+                             f"expected one of {REMAT_POLICIES}")
 
 
 T5_1_1_PRESETS: dict[str, T5Config] = {
@@ -79,7 +81,8 @@ def _normal(stddev: float, axes: tuple[str, ...]):
     return nn.with_logical_partitioning(nn.initializers.normal(stddev), axes)
 
 
-def _dense(cfg: T5Config, name: str, features: int, stddev: float, axes: tuple[str, str]) -> nn.Dense:
+def _dense(cfg: T5Config, name: str, features: int, stddev: float,
+           axes: tuple[str, str]) -> nn.Dense:
     """Bias-free projection with T5's normal(stddev) init and logical axes (input, output)."""
     return nn.Dense(features, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                     kernel_init=_normal(stddev, axes), name=name)
@@ -114,10 +117,12 @@ class RMSNorm(nn.Module):
     def __call__(self, x):
         cfg = self.config
         scale = self.param(
-            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (x.shape[-1],), cfg.param_dtype
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (x.shape[-1],),
+            cfg.param_dtype
         )
         x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + cfg.layer_norm_epsilon)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+                                  + cfg.layer_norm_epsilon)
         return x32.astype(cfg.dtype) * jnp.asarray(scale, cfg.dtype)
 
 
@@ -158,7 +163,8 @@ class SelfAttention(nn.Module):
             return nn.with_logical_constraint(y, ("batch", "length", "heads", "kv"))
 
         # The query init carries T5's 1/sqrt(d_kv), so logits are used unscaled.
-        query = heads(_dense(cfg, "query", inner, (cfg.d_model * cfg.d_kv) ** -0.5, ("embed", "joined_kv"))(x))
+        query = heads(_dense(cfg, "query", inner, (cfg.d_model * cfg.d_kv) ** -0.5,
+                             ("embed", "joined_kv"))(x))
         key = heads(_dense(cfg, "key", inner, cfg.d_model**-0.5, ("embed", "joined_kv"))(x))
         value = heads(_dense(cfg, "value", inner, cfg.d_model**-0.5, ("embed", "joined_kv"))(x))
 
@@ -182,7 +188,8 @@ class Mlp(nn.Module):
     def __call__(self, x, deterministic: bool):
         cfg = self.config
         if cfg.feed_forward_proj == "gated-gelu":
-            gate = nn.gelu(_dense(cfg, "wi_0", cfg.d_ff, cfg.d_model**-0.5, ("embed", "mlp"))(x), approximate=True)
+            gate = nn.gelu(_dense(cfg, "wi_0", cfg.d_ff, cfg.d_model**-0.5, ("embed", "mlp"))(x),
+                           approximate=True)
             hidden = gate * _dense(cfg, "wi_1", cfg.d_ff, cfg.d_model**-0.5, ("embed", "mlp"))(x)
         else:
             hidden = nn.relu(_dense(cfg, "wi", cfg.d_ff, cfg.d_model**-0.5, ("embed", "mlp"))(x))
@@ -215,7 +222,8 @@ def _layer_class(config: T5Config):
         return EncoderLayer
     policy = None if config.remat_policy == "full" else jax.checkpoint_policies.checkpoint_dots
     # static_argnums counts `self` as 0: `deterministic` is a Python bool.
-    return nn.remat(EncoderLayer, policy=policy, static_argnums=(4,), prevent_cse=not config.scan_layers)
+    return nn.remat(EncoderLayer, policy=policy, static_argnums=(4,),
+                    prevent_cse=not config.scan_layers)
 
 
 def attention_mask(token_ids, segment_ids=None):
@@ -346,7 +354,8 @@ def stack_layer_params(params, num_layers: int):
     per_layer = [k for k in params if k.startswith("layers_")]
     expected = [f"layers_{i}" for i in range(num_layers)]
     if sorted(per_layer) != sorted(expected):
-        raise ValueError(f"stack_layer_params: expected layers {expected}, found {sorted(per_layer)}")
+        raise ValueError(f"stack_layer_params: expected layers {expected}, "
+                         f"found {sorted(per_layer)}")
     stacked = jax.tree.map(lambda *xs: _stack(xs), *[params[k] for k in expected])
     rest = {k: v for k, v in params.items() if k not in expected}
     return {**rest, "layers": stacked}
