@@ -17,6 +17,7 @@ devices before the current step's metrics can be waited on, so the copy overlaps
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import inspect
@@ -156,7 +157,9 @@ def train(
     try:
         # Everything is checked before anything is written: a start that fails leaves an
         # existing run byte-identical and creates no new MODEL_DIR.
-        _check_inputs_exist(eval_data=eval_data)  # read at the end: checked at the start
+        if eval_data:  # read at the end of training: checked at the start
+            with _missing_file_names("train.eval_data"):
+                files.expand_paths(eval_data)
         mesh = mesh if mesh is not None else partitioning.make_mesh()
         rules = (partitioning.logical_axis_rules(logical_axis_rules)
                  if isinstance(logical_axis_rules, str) else logical_axis_rules)
@@ -174,14 +177,11 @@ def train(
         grad_cache.check_microbatches(microbatches, global_batch_size,
                                       partitioning.batch_shards(mesh, rules))
         rows = partitioning.process_batch_rows(mesh, rules, global_batch_size)
-        try:
+        with _missing_file_names("train.train_data"):
             iterator = batch_iterator_factory(
                 train_data, tokenizer=tokenizer, global_batch_size=global_batch_size,
                 query_length=query_length, passage_length=passage_length, seed=seed,
                 local_rows=rows)
-        except MissingFileError as error:
-            error.parameter = "train.train_data"  # the CLI names the Gin binding
-            raise
         example_batch = _example_global_batch(iterator, global_batch_size)
         train_step_lib.check_packed_microbatches(example_batch, microbatches)  # before compiling
         optimizer = _make_optimizer(optimizer_factory, num_train_steps,
@@ -380,16 +380,15 @@ def _check_settings(**values) -> None:
             raise error
 
 
-def _check_inputs_exist(**inputs) -> None:
-    """Each data path (file, glob, folder) names something; the error says which parameter."""
-    for name, value in inputs.items():
-        if value is None:
-            continue
-        try:
-            files.expand_paths(value)
-        except MissingFileError as error:
-            error.parameter = f"train.{name}"  # the CLI names the Gin binding
-            raise
+@contextlib.contextmanager
+def _missing_file_names(parameter: str) -> Iterator[None]:
+    """A MissingFileError raised inside names `parameter` (`error.parameter`), which the CLI
+    turns into the Gin binding that set it."""
+    try:
+        yield
+    except MissingFileError as error:
+        error.parameter = parameter
+        raise
 
 
 def _check_resumable(run: run_dir.RunDir, manifest: run_manifest.RunManifest, newest: int,
