@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from samtone import analysis
+from samtone.analysis import figures
+from samtone.analysis import statistics
 from samtone import inference
 from samtone.data import smoke_path
 from tiny_runs import REPO, train_tiny_run
@@ -24,7 +26,7 @@ def _unit(vectors):
 
 
 def _reference_summary(queries, passages, pairs):
-    """The module docstring's definitions, one pair at a time."""
+    """samtone.analysis.statistics' docstring definitions, one pair at a time."""
     queries, passages = _unit(queries), _unit(passages)
 
     def mean_cosine_between_distinct(x):
@@ -50,7 +52,7 @@ def test_summary_of_hand_made_vectors():
     # summary normalises). The pairs are (0, 0) and (1, 1).
     queries = [[1.0, 0.0], [0.0, 1.0]]
     passages = [[3.0, 0.0], [-2.0, 0.0]]
-    summary = analysis.embedding_summary(queries, passages, [(0, 0), (1, 1)])
+    summary = statistics.embedding_summary(queries, passages, [(0, 0), (1, 1)])
     assert summary == pytest.approx({
         "mean_query_query_cosine": 0.0,
         "mean_passage_passage_cosine": -1.0,
@@ -64,16 +66,16 @@ def test_summary_of_hand_made_vectors():
 
 @pytest.mark.parametrize("block_rows", [3, 1024])
 def test_summary_matches_the_definitions_on_random_vectors(monkeypatch, block_rows):
-    monkeypatch.setattr(analysis, "BLOCK_ROWS", block_rows)  # several blocks, or one
+    monkeypatch.setattr(statistics, "BLOCK_ROWS", block_rows)  # several blocks, or one
     rng = np.random.default_rng(0)
     queries, passages = rng.normal(size=(9, 5)), rng.normal(size=(7, 5))
     pairs = [(0, 0), (1, 2), (2, 2), (8, 6), (3, 1)]
-    summary = analysis.embedding_summary(queries, passages, pairs)
+    summary = statistics.embedding_summary(queries, passages, pairs)
     assert summary == pytest.approx(_reference_summary(queries, passages, pairs), abs=1e-10)
 
 
 def test_distances_of_hand_made_vectors(monkeypatch):
-    monkeypatch.setattr(analysis, "BLOCK_ROWS", 2)
+    monkeypatch.setattr(statistics, "BLOCK_ROWS", 2)
 
     def degrees(*angles):
         return np.stack([np.cos(np.deg2rad(angles)), np.sin(np.deg2rad(angles))], 1)
@@ -81,7 +83,7 @@ def test_distances_of_hand_made_vectors(monkeypatch):
     queries = degrees(0, 90, 100)
     passages = degrees(10, 60, 180)
     # Query 0's true passages are 1 (60 off) and 2 (180 off): the closer counts. Query 2 has none.
-    distances = analysis.embedding_distances(queries, passages, [(0, 1), (0, 2), (1, 1)])
+    distances = statistics.embedding_distances(queries, passages, [(0, 1), (0, 2), (1, 1)])
 
     def cos(angle):
         return np.cos(np.deg2rad(angle))
@@ -97,11 +99,11 @@ def test_distances_of_hand_made_vectors(monkeypatch):
 
 def test_errors_name_the_problem():
     with pytest.raises(ValueError, match=r"pairs \[\(0, 5\)\] name queries or passages outside"):
-        analysis.embedding_summary(np.eye(3), np.eye(3), [(0, 5)])
+        statistics.embedding_summary(np.eye(3), np.eye(3), [(0, 5)])
     with pytest.raises(ValueError, match="at least 2 queries"):
-        analysis.embedding_summary(np.eye(3)[:1], np.eye(3), [(0, 0)])
+        statistics.embedding_summary(np.eye(3)[:1], np.eye(3), [(0, 0)])
     with pytest.raises(ValueError, match=r"passage_embeddings must be a non-empty \[N, D\]"):
-        analysis.embedding_distances(np.eye(3), np.zeros((0, 3)), [])
+        statistics.embedding_distances(np.eye(3), np.zeros((0, 3)), [])
 
 
 def _clusters(seed=0, count=30, dim=16):
@@ -113,8 +115,8 @@ def _clusters(seed=0, count=30, dim=16):
     return queries, passages, [(i, i) for i in range(count)]
 
 
-DPI = 150  # samtone.analysis saves every figure at 150 dpi
-# Figure sizes in inches, as samtone.analysis draws them (t-SNE: 6 inches a panel).
+DPI = 150  # samtone.analysis.figures saves every figure at 150 dpi
+# Figure sizes in inches, as samtone.analysis.figures draws them (t-SNE: 6 inches a panel).
 DISTANCES_SIZE, SIMILARITIES_SIZE = (11.0, 7.5), (7.5, 4.8)
 
 
@@ -161,7 +163,7 @@ def test_similarity_samples_enumerate_every_distinct_pair_when_few():
     queries = degrees(np.arange(0, 60, 10))
     passages = degrees(np.arange(5, 70, 10))
     pairs = [(0, 0), (0, 1), (2, 2), (3, 3), (4, 4), (5, 5), (1, 6)]
-    samples = analysis.similarity_samples(queries, passages, pairs, max_samples=10_000)
+    samples = statistics.similarity_samples(queries, passages, pairs, max_samples=10_000)
     true_pairs = set(pairs)
     expected_qq = [np.cos(np.deg2rad(10 * (a - c))) for a, _ in pairs for c, _ in pairs
                    if a != c]
@@ -171,57 +173,57 @@ def test_similarity_samples_enumerate_every_distinct_pair_when_few():
     np.testing.assert_allclose(np.sort(samples["query_passage"]), np.sort(expected_qp),
                                atol=1e-12)
     # Sampled: the same kind of values, i != j always, reproducible by seed.
-    sampled = analysis.similarity_samples(queries, passages, pairs, max_samples=20, seed=3)
+    sampled = statistics.similarity_samples(queries, passages, pairs, max_samples=20, seed=3)
     assert len(sampled["query_query"]) <= 20 and len(sampled["query_passage"]) <= 20
     for kind, expected in (("query_query", expected_qq), ("query_passage", expected_qp)):
         assert np.isin(np.round(sampled[kind], 9), np.round(expected, 9)).all()
-        np.testing.assert_array_equal(sampled[kind], analysis.similarity_samples(
+        np.testing.assert_array_equal(sampled[kind], statistics.similarity_samples(
             queries, passages, pairs, max_samples=20, seed=3)[kind])
     with pytest.raises(ValueError, match="at least 2 true pairs"):
-        analysis.similarity_samples(queries, passages, [(0, 0)])
+        statistics.similarity_samples(queries, passages, [(0, 0)])
 
 
 def test_orthogonal_towers_have_known_similarity_histograms():
     # q_i = e_i and p_i = e_{i+1}: every sim(q_i, q_j) is 0; sim(q_i, p_j) is 1 exactly when
     # j = i - 1, i.e. for 4 of the 5 x 4 ordered pairs (i = 1..4), else 0.
     eye = np.eye(6)
-    samples = analysis.similarity_samples(eye[:5], eye[1:6], [(i, i) for i in range(5)])
+    samples = statistics.similarity_samples(eye[:5], eye[1:6], [(i, i) for i in range(5)])
     np.testing.assert_array_equal(samples["query_query"], np.zeros(20))
     assert np.sort(samples["query_passage"]).tolist() == [0.0] * 16 + [1.0] * 4
 
 
 def test_shared_bins():
-    edges = analysis.shared_bins([np.linspace(-0.5, 0.5, 1000), np.array([0.9, np.nan])])
+    edges = figures.shared_bins([np.linspace(-0.5, 0.5, 1000), np.array([0.9, np.nan])])
     assert edges[0] == -0.5 and edges[-1] == 0.9 and 10 < len(edges) - 1 <= 60
-    assert len(analysis.shared_bins([np.ones(5)])) == 11  # one value: a window around it
+    assert len(figures.shared_bins([np.ones(5)])) == 11  # one value: a window around it
 
 
 def _runs(count=30, dim=16):
     queries, passages, pairs = _clusters(count=count, dim=dim)
     other_queries, other_passages, _ = _clusters(seed=1, count=count, dim=dim)
-    return [analysis.RunEmbeddings("samtone (step 2)", queries, passages, np.array(pairs)),
-            analysis.RunEmbeddings("in-batch (step 2)", other_queries, other_passages,
+    return [figures.RunEmbeddings("samtone (step 2)", queries, passages, np.array(pairs)),
+            figures.RunEmbeddings("in-batch (step 2)", other_queries, other_passages,
                                    np.array(pairs))]
 
 
 def test_plots_are_written(tmp_path):
     runs = _runs()
-    points = analysis.tsne_plot(runs, tmp_path / "plots" / "tsne.png")
+    points = figures.tsne_plot(runs, tmp_path / "plots" / "tsne.png")
     assert len(points) == 2 and points[0].shape == (60, 2) and np.all(np.isfinite(points[1]))
     # Two panels, each with its run's queries and passages.
     _assert_png(tmp_path / "plots" / "tsne.png", TSNE_SIZE(2), panels=(1, 2),
                 colours=("tab:blue", "tab:orange"))
-    distances = analysis.distance_histograms(runs, tmp_path / "distances.png")
+    distances = figures.distance_histograms(runs, tmp_path / "distances.png")
     # Four panels, each with both runs' histograms (RUN_COLOURS: blue, then red).
     _assert_png(tmp_path / "distances.png", DISTANCES_SIZE, panels=(2, 2),
-                colours=analysis.RUN_COLOURS[:2], absent=analysis.RUN_COLOURS[2:])
+                colours=figures.RUN_COLOURS[:2], absent=figures.RUN_COLOURS[2:])
     for run, found in zip(runs, distances):
         np.testing.assert_allclose(found["query_true_passage"],
                                    1 - np.sum(_unit(run.queries) * _unit(run.passages), axis=1))
-    samples = analysis.similarity_histogram(runs[:1], tmp_path / "similarities.png")
+    samples = figures.similarity_histogram(runs[:1], tmp_path / "similarities.png")
     # One run: its colour and no other.
     _assert_png(tmp_path / "similarities.png", SIMILARITIES_SIZE,
-                colours=analysis.RUN_COLOURS[:1], absent=analysis.RUN_COLOURS[1:])
+                colours=figures.RUN_COLOURS[:1], absent=figures.RUN_COLOURS[1:])
     assert len(samples[0]["query_query"]) == 30 * 29
 
 
@@ -231,9 +233,9 @@ def test_missing_plotting_libraries_are_named(tmp_path, monkeypatch):
             monkeypatch.setitem(sys.modules, name, None)
     runs = _runs(count=4)
     with pytest.raises(ImportError, match=r"pip install 'samtone\[analysis\]'"):
-        analysis.distance_histograms(runs, tmp_path / "d.png")
+        figures.distance_histograms(runs, tmp_path / "d.png")
     with pytest.raises(ImportError, match=r"pip install 'samtone\[analysis\]'"):
-        analysis.tsne_plot(runs, tmp_path / "t.png")
+        figures.tsne_plot(runs, tmp_path / "t.png")
 
 
 def test_run_names_tell_runs_apart():
@@ -256,7 +258,7 @@ def test_command_line_compares_two_runs(run, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "samtone.cli.analyze", f"--model_dir={run}",
          f"--compare={other}", "--step=1", f"--data={tmp_path / 'pairs.jsonl'}",
-         f"--output_dir={tmp_path / 'out'}", "--batch_size=16", "--max_points=50"],
+         f"--output={tmp_path / 'out'}", "--batch_size=16", "--max_points=50"],
         cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
         env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -280,9 +282,9 @@ def test_command_line_compares_two_runs(run, tmp_path):
     _assert_png(tmp_path / "out" / "tsne.png", TSNE_SIZE(2), panels=(1, 2),
                 colours=("tab:blue", "tab:orange"))
     _assert_png(tmp_path / "out" / "distances.png", DISTANCES_SIZE, panels=(2, 2),
-                colours=analysis.RUN_COLOURS[:2], absent=analysis.RUN_COLOURS[2:])
+                colours=figures.RUN_COLOURS[:2], absent=figures.RUN_COLOURS[2:])
     _assert_png(tmp_path / "out" / "similarities.png", SIMILARITIES_SIZE,
-                colours=analysis.RUN_COLOURS[:2], absent=analysis.RUN_COLOURS[2:])
+                colours=figures.RUN_COLOURS[:2], absent=figures.RUN_COLOURS[2:])
     assert sorted(analysis.FIGURES) == ["distances.png", "similarities.png", "tsne.png"]
 
 
@@ -293,7 +295,7 @@ def test_command_line_refuses_too_few_pairs_before_loading_a_model(tmp_path):
         {"query_id": "q", "query": "a", "passage_id": "p", "passage": "b"}) + "\n")
     result = subprocess.run(
         [sys.executable, "-m", "samtone.cli.analyze", f"--model_dir={tmp_path / 'no_run'}",
-         f"--data={tmp_path / 'one.jsonl'}", f"--output_dir={tmp_path / 'out'}"],
+         f"--data={tmp_path / 'one.jsonl'}", f"--output={tmp_path / 'out'}"],
         cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
         env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
     assert result.returncode == 2, result.stderr[-3000:]

@@ -53,10 +53,29 @@ def test_no_import_cycle_inside_samtone():
     graph = _imports()
     # Packages import their own modules from __init__; that is not a cycle of layers.
     for package in ("samtone", "samtone.data", "samtone.checkpoints", "samtone.models",
-                    "samtone.cli", "samtone.export"):
+                    "samtone.cli", "samtone.export", "samtone.analysis"):
         graph[package] = {m for m in graph.get(package, set())
                           if not m.startswith(package + ".")}
     assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+
+
+def _analysis_imports(module):
+    """The samtone.analysis names `module` (a file of samtone/analysis/) imports."""
+    tree = ast.parse((PACKAGE / "analysis" / f"{module}.py").read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(
+                "samtone.analysis"):
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("samtone.analysis"))
+    return found
+
+
+def test_analysis_layers_import_downward_only():
+    """statistics (numpy) <- figures (matplotlib) <- the package's orchestration."""
+    assert _analysis_imports("statistics") == set()
+    assert _analysis_imports("figures") == {"samtone.analysis.statistics"}
 
 
 def test_the_cli_layer_is_on_top_and_serving_is_apart_from_training():

@@ -196,8 +196,10 @@ def test_train_mine_train(tmp_path):
     _train(tmp_path / "run", train_file)
 
     output = tmp_path / "mined.jsonl"
+    # --chunk_size=16: the 48 queries searched in 3 chunks, as samtone.search's chunk_size.
     result = _run("-m", "samtone.cli.mine", f"--model_dir={tmp_path / 'run'}",
-                  f"--train_data={train_file}", f"--output={output}", "--k=3", "--batch_size=16")
+                  f"--train_data={train_file}", f"--output={output}", "--k=3", "--batch_size=16",
+                  "--chunk_size=16")
     assert "48 of 48 examples with 3 negatives" in result.stdout
     mined = files.read_examples(str(output))
     original = files.read_examples(str(train_file))

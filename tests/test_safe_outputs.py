@@ -196,8 +196,8 @@ def test_analyze_refuses_an_existing_summary(run, pairs, tmp_path):
     (tmp_path / "summary.json").write_text("{}\n")
     before = _hashes(tmp_path, run)
     result = run_command("analyze", f"--model_dir={run}", f"--data={pairs}",
-                         f"--output_dir={tmp_path}")
-    _assert_refused(result, f"--output_dir={tmp_path} already holds summary.json",
+                         f"--output={tmp_path}")
+    _assert_refused(result, f"--output={tmp_path} already holds summary.json",
                     "--overwrite")
     assert _hashes(tmp_path, run) == before
 
@@ -237,7 +237,7 @@ def test_analyze_needs_two_pairs(run, tmp_path):
     data = tmp_path / "one.jsonl"
     data.write_text(open(smoke_path("eval.jsonl"), encoding="utf-8").readline())
     result = run_command("analyze", f"--model_dir={run}", f"--data={data}",
-                         f"--output_dir={tmp_path / 'out'}")
+                         f"--output={tmp_path / 'out'}")
     _assert_refused(result, f"{data}: 1 pair", "at least 2 pairs")
     assert sorted(os.listdir(tmp_path)) == ["one.jsonl"]
 
@@ -246,7 +246,7 @@ def test_analyze_needs_two_pairs(run, tmp_path):
 
 
 @pytest.mark.parametrize("command, output_flag", [("eval", "--output"),
-                                                  ("analyze", "--output_dir")])
+                                                  ("analyze", "--output")])
 @pytest.mark.slow
 def test_split_is_refused_for_a_pairs_file(run, pairs, tmp_path, command, output_flag):
     result = run_command(command, f"--model_dir={run}", f"--data={pairs}", "--split=dev",
@@ -270,7 +270,7 @@ def test_mine_refuses_a_negative_margin(run, pairs, tmp_path):
 
 @pytest.mark.parametrize("command, args, flag", [
     ("eval", ["--data={missing}"], "--data"),
-    ("analyze", ["--data={missing}", "--output_dir={out}"], "--data"),
+    ("analyze", ["--data={missing}", "--output={out}"], "--data"),
     ("mine", ["--train_data={missing}", "--output={out}", "--k=2"], "--train_data"),
     ("mine", ["--train_data={pairs}", "--corpus={missing}", "--output={out}", "--k=2"],
      "--corpus"),

@@ -1,9 +1,9 @@
 """`samtone-analyze`: the paper's embedding-space figures and numbers (samtone.analysis).
 
-    samtone-analyze --model_dir=runs/samtone --data=pairs.jsonl --output_dir=analysis \
+    samtone-analyze --model_dir=runs/samtone --data=pairs.jsonl --output=analysis \
         [--compare=runs/in_batch_softmax] [--overwrite]
 
-Figures and summary.json already in --output_dir are replaced only with --overwrite; the
+Figures and summary.json already in --output are replaced only with --overwrite; the
 inputs (the runs, the data) never. Flags are checked before any model is loaded.
 """
 from __future__ import annotations
@@ -27,8 +27,8 @@ def define_flags() -> None:
                         "samtone-export directory.", required=True)
     flags.DEFINE_list("data", None, "(query, passage) pairs: JSONL/TSV/BEIR folder, globs.",
                       required=True)
-    flags.DEFINE_string("output_dir", None, "Where tsne.png, distances.png, similarities.png "
-                        "and summary.json go.", required=True)
+    flags.DEFINE_string("output", None, "Folder for tsne.png, distances.png, similarities.png "
+                        "and summary.json (not an input).", required=True)
     flags.DEFINE_string("compare", None, "A second run (or export) drawn in every figure next "
                         "to --model_dir's, e.g. in-batch softmax against SamToNe.")
     flags.DEFINE_string("split", "test", "The qrels split when --data is a BEIR folder "
@@ -41,15 +41,15 @@ def define_flags() -> None:
                          lower_bound=4)
     flags.DEFINE_integer("seed", 0, "Seeds the t-SNE and its sample.")
     flags.DEFINE_bool("overwrite", False, "Replace the figures and summary.json if "
-                      "--output_dir holds them.")
+                      "--output holds them.")
 
 
 def main(argv: Sequence[str]) -> None:
     del argv
-    output_dir = common.absolute_path(FLAGS.output_dir)
+    output = common.absolute_path(FLAGS.output)
     data = common.absolute_paths(FLAGS.data)
     check_data(data)
-    summary = analysis.analyze(common.absolute_path(FLAGS.model_dir), data, output_dir,
+    summary = analysis.analyze(common.absolute_path(FLAGS.model_dir), data, output,
                                compare=common.absolute_path(FLAGS.compare), split=FLAGS.split,
                                step=FLAGS.step, batch_size=FLAGS.batch_size,
                                max_points=FLAGS.max_points, max_samples=FLAGS.max_samples,
@@ -61,7 +61,7 @@ def main(argv: Sequence[str]) -> None:
         if key not in ("compare", "model_dir"):
             print(f"  {key:<30}" + "".join(_cell(column[key]) for column in columns))
     print(f"samtone-analyze: wrote {', '.join(analysis.FIGURES)}, {analysis.SUMMARY_FILE} to "
-          f"{output_dir}",
+          f"{output}",
           flush=True)
 
 

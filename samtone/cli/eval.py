@@ -92,7 +92,7 @@ def closing_lines(report: evaluate.EvalReport, model_dir: str) -> str:
     quoted = shlex.quote(model_dir)
     lines.append(f"next:     samtone-analyze --model_dir={quoted} --compare=OTHER_MODEL_DIR "
                  f"--data={shlex.quote(values['data'][0])} "
-                 f"--output_dir={shlex.quote(model_dir + '/analysis')}")
+                 f"--output={shlex.quote(model_dir + '/analysis')}")
     return "\n".join(lines)
 
 

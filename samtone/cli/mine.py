@@ -35,8 +35,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the newest).")
     flags.DEFINE_integer("batch_size", 128, "Texts encoded at once (a multiple of the data "
                          "axis).", lower_bound=1)
-    flags.DEFINE_integer("chunk_size", None, "Queries scored at once (default: samtone.search's "
-                         "chunk, ~2^26 scores per device).", lower_bound=1)
+    flags.DEFINE_integer("chunk_size", None, "Queries scored at once, a multiple of the query "
+                         "shards: samtone.search's chunk_size (default: ~2^26 scores per "
+                         "device).", lower_bound=1)
     flags.DEFINE_bool("approximate", False, "Approximate top-k (jax.lax.approx_max_k) for "
                       "corpora of millions; exact otherwise.")
     flags.DEFINE_float("recall_target", 0.95, "--approximate: the recall it aims at.",
