@@ -25,7 +25,7 @@ trimming; `samtone.data.seqio_source.DualEncoderFeatureConverter` turns them int
 
 Vocabulary. Tasks take a SentencePiece model path; the default is T5's cc_all.32000
 (`DEFAULT_VOCABULARY_PATH`, the `spiece.model` of the T5.1.1 checkpoints), right for real
-runs from pre-trained T5.1.1. The training loop's `train.vocabulary` must be the same model
+runs from pre-trained T5.1.1. The training loop's `DataConfig.vocabulary` must be the same model
 (make_seqio_batch_iterator checks it). From Gin, `tfds_task` registers a Task with the run's
 vocabulary and returns its name:
 
@@ -34,7 +34,7 @@ vocabulary and returns its name:
     TRAIN_DATA = @tfds_task()
     tfds_task.dataset = 'squad'                  # or natural_questions, trivia_qa
     tfds_task.vocabulary_path = %VOCABULARY
-    train.batch_iterator_factory = @make_seqio_batch_iterator
+    DataConfig.batch_iterator_factory = @make_seqio_batch_iterator
     make_seqio_batch_iterator.split = 'train'
 
 For one's own TFDS dataset: `add_tfds_retrieval_task(name, tfds_name, query_feature=...,

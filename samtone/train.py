@@ -2,9 +2,10 @@
 
 The step (samtone.train_step) is `(state, batch) -> (state, metrics)`. Around it: this
 process's slice of each global batch in, metrics to the host every `log_every` steps only
-(samtone.summaries), orbax checkpoints every `checkpoint_every` steps and on a preemption
-notice (samtone.preemption), retrieval metrics on EVAL_DATA (a BEIR folder's full corpus or
-held-out pairs) every `eval_every` steps and at the end (samtone.train_eval). Calling it again
+(samtone.summaries), orbax checkpoints every `CheckpointConfig.every_steps` steps (and
+`every_minutes`) and on a preemption notice (samtone.preemption), retrieval metrics on
+EVAL_DATA (a BEIR folder's full corpus or held-out pairs) every `EvalConfig.every_steps` steps
+and at the end (samtone.train_eval). Calling it again
 on the same model_dir resumes from the newest checkpoint, data position included, and reaches
 the same final state as a run that was never interrupted. The command line is
 samtone.cli.train.
@@ -43,11 +44,11 @@ from samtone.checkpoints import manager as checkpoint_lib
 from samtone.checkpoints import pretrained
 from samtone.data import files
 from samtone.data import packing
-from samtone.data import pipeline
 from samtone.data.tokenizer import Tokenizer
 from samtone.errors import ChangedConfigError, CheckpointError, ConfigError, MissingFileError
 from samtone.preemption import PreemptionNotice
 from samtone.summaries import NonFiniteLossError, Progress, Summaries  # noqa: F401
+from samtone.train_config import CheckpointConfig, DataConfig, EvalConfig, check_integer
 from samtone.train_eval import TrainingEvaluator
 from samtone.vocabulary import check_fits_embedding
 
@@ -71,26 +72,17 @@ def train(
     model_dir: str,
     model: nn.Module,
     loss: Callable[..., Any],
-    loss_inputs: Sequence[str] | None = None,
-    train_data: str | Sequence[str],
-    vocabulary: str,
+    data: DataConfig,
     global_batch_size: int,
     num_train_steps: int,
-    query_length: int = 64,
-    passage_length: int = 256,
+    loss_inputs: Sequence[str] | None = None,
     optimizer_factory: Callable[..., optax.GradientTransformation] = optimizers.make_optimizer,
-    batch_iterator_factory: Callable[..., Any] = pipeline.make_batch_iterator,
     mesh: Mesh | None = None,
     logical_axis_rules: str | Sequence[tuple[str, Any]] = "data",
-    init_checkpoint: str | None = None,
     seed: int = 0,
-    eval_data: str | Sequence[str] | None = None,
-    eval_every: int | None = None,
-    eval_batch_size: int = 128,
-    eval_split: str = "test",
+    checkpoints: CheckpointConfig = CheckpointConfig(),
+    evaluation: EvalConfig = EvalConfig(),
     log_every: int = 100,
-    checkpoint_every: int = 1000,
-    keep_checkpoints: int | None = 3,
     skip_nonfinite: bool = False,
     microbatches: int = 1,
     compilation_cache_dir: str | None = None,
@@ -103,28 +95,21 @@ def train(
         `<model_dir>/train` and `<model_dir>/eval`.
       model: a samtone DualEncoder.
       loss: one of samtone.losses' functions, hyperparameters bound (by Gin or partial).
+      data: what is trained on (samtone.train_config.DataConfig).
+      global_batch_size: examples per step over all processes.
+      num_train_steps: the step training ends at (also the optimiser schedule's length).
       loss_inputs: the batch fields the loss receives besides the two embeddings; default
         (None) the ones its signature names (samtone.train_step.taken_inputs); a list that
         leaves one of those out is refused.
-      train_data: file(s) or glob(s) the batch iterator reads (TSV, JSONL, BEIR folder).
-      vocabulary: the SentencePiece model file.
-      global_batch_size: examples per step over all processes.
-      num_train_steps: the step training ends at (also the optimiser schedule's length).
       optimizer_factory: called with `total_steps=num_train_steps` and, if it takes them,
         the parameters' `logical_axes`, once the model's shapes are known; default Adafactor.
-      batch_iterator_factory: samtone.data.pipeline.make_batch_iterator or a compatible one.
       mesh: default one data-parallel axis over all devices.
       logical_axis_rules: a rule table or its name in samtone.partitioning.
-      init_checkpoint: a Hugging Face T5 folder or a T5X checkpoint to start the encoders
-        from; ignored when model_dir already holds a checkpoint to resume.
-      eval_data: a BEIR folder (against its whole corpus), held-out pairs or graded pairs,
-        scored as samtone-eval scores them (samtone.train_eval); metrics to TensorBoard and
-        to `<model_dir>/eval/<data name>/<step>/metrics.json`.
-      eval_every: also evaluate every this many steps (None: at the end only).
-      eval_split: the qrels split (`qrels/<eval_split>.tsv`) when eval_data is a BEIR folder.
+      seed: parameter initialisation and data order.
+      checkpoints: when checkpoints are written and kept, and the pre-trained checkpoint a
+        new run starts from (samtone.train_config.CheckpointConfig).
+      evaluation: retrieval metrics during training (samtone.train_config.EvalConfig).
       log_every: steps between metric fetches, log lines and summaries.
-      checkpoint_every: steps between checkpoints (one is always written at the end).
-      keep_checkpoints: how many recent checkpoints to keep (None: all).
       skip_nonfinite: skip updates whose loss or gradients are not finite instead of
         stopping with NonFiniteLossError.
       microbatches: N > 1 computes each step's loss and gradients over the whole batch in N
@@ -141,25 +126,25 @@ def train(
     change; a checkpoint in the other layer layout (scan_layers) is restacked.
     """
     started = time.monotonic()
-    _check_settings(global_batch_size=global_batch_size, num_train_steps=num_train_steps,
-                    query_length=query_length, passage_length=passage_length,
-                    checkpoint_every=checkpoint_every, log_every=log_every,
-                    eval_every=eval_every, keep_checkpoints=keep_checkpoints,
-                    eval_batch_size=eval_batch_size, microbatches=microbatches)
+    for name, value in (("global_batch_size", global_batch_size),
+                        ("num_train_steps", num_train_steps), ("log_every", log_every)):
+        check_integer(f"train.{name}", value)
+    query_length, passage_length = data.query_length, data.passage_length
     run = run_dir.RunDir.at(model_dir)
     run.check_writable()
-    eval_data = paths.absolute_paths(eval_data)  # train_data may be a seqio task's name
-    vocabulary = paths.absolute_path(vocabulary)
-    init_checkpoint = paths.absolute_path(init_checkpoint)
+    # train_data may be a seqio task's name: left as given.
+    evaluation = dataclasses.replace(evaluation, data=paths.absolute_paths(evaluation.data))
+    vocabulary = paths.absolute_path(data.vocabulary)
+    init_checkpoint = paths.absolute_path(checkpoints.init_checkpoint)
     lock = run_dir.RunLock(run)
     if jax.process_index() == 0 and run.root.exists():
         lock.acquire()  # before the run is read: no other trainer may be writing it
     try:
         # Everything is checked before anything is written: a start that fails leaves an
         # existing run byte-identical and creates no new MODEL_DIR.
-        if eval_data:  # read at the end of training: checked at the start
-            with _missing_file_names("train.eval_data"):
-                files.expand_paths(eval_data)
+        if evaluation.data:  # read at the end of training: checked at the start
+            with _missing_file_names("EvalConfig.data"):
+                files.expand_paths(evaluation.data)
         mesh = mesh if mesh is not None else partitioning.make_mesh()
         rules = (partitioning.logical_axis_rules(logical_axis_rules)
                  if isinstance(logical_axis_rules, str) else logical_axis_rules)
@@ -177,9 +162,9 @@ def train(
         grad_cache.check_microbatches(microbatches, global_batch_size,
                                       partitioning.batch_shards(mesh, rules))
         rows = partitioning.process_batch_rows(mesh, rules, global_batch_size)
-        with _missing_file_names("train.train_data"):
-            iterator = batch_iterator_factory(
-                train_data, tokenizer=tokenizer, global_batch_size=global_batch_size,
+        with _missing_file_names("DataConfig.train_data"):
+            iterator = data.batch_iterator_factory(
+                data.train_data, tokenizer=tokenizer, global_batch_size=global_batch_size,
                 query_length=query_length, passage_length=passage_length, seed=seed,
                 local_rows=rows)
         example_batch = _example_global_batch(iterator, global_batch_size)
@@ -208,7 +193,7 @@ def train(
             _use_compilation_cache(run.root, compilation_cache_dir)
         if saved_steps:
             manager = checkpoint_lib.make_checkpoint_manager(run.checkpoints,
-                                                             keep=keep_checkpoints)
+                                                             keep=checkpoints.keep)
             state = _resumed_state(manager, target, iterator)
         else:
             if init_checkpoint:
@@ -219,7 +204,7 @@ def train(
                 run.root.mkdir(parents=True, exist_ok=True)
                 lock.acquire()
             manager = checkpoint_lib.make_checkpoint_manager(run.checkpoints,
-                                                             keep=keep_checkpoints)
+                                                             keep=checkpoints.keep)
         step = int(jax.device_get(state.step))
         if jax.process_index() == 0:
             _record_run(run, manifest, config_text, step)
@@ -227,33 +212,32 @@ def train(
             run, manager, state, state_shardings, iterator, to_devices, model, optimizer,
             loss_fn, batch_shardings, mesh, rules, tokenizer, started, step,
             num_train_steps=num_train_steps, global_batch_size=global_batch_size,
-            query_length=query_length, passage_length=passage_length, eval_data=eval_data,
-            eval_every=eval_every, eval_batch_size=eval_batch_size, eval_split=eval_split,
-            log_every=log_every, checkpoint_every=checkpoint_every,
-            skip_nonfinite=skip_nonfinite, microbatches=microbatches)
+            query_length=query_length, passage_length=passage_length, evaluation=evaluation,
+            checkpoints=checkpoints, log_every=log_every, skip_nonfinite=skip_nonfinite,
+            microbatches=microbatches)
     finally:
         lock.release()
 
 
 def _train_loop(run, manager, state, state_shardings, iterator, to_devices, model, optimizer,
                 loss_fn, batch_shardings, mesh, rules, tokenizer, started, step, *,
-                num_train_steps, global_batch_size, query_length, passage_length, eval_data,
-                eval_every, eval_batch_size, eval_split, log_every, checkpoint_every,
-                skip_nonfinite, microbatches) -> TrainResult:
+                num_train_steps, global_batch_size, query_length, passage_length, evaluation,
+                checkpoints, log_every, skip_nonfinite, microbatches) -> TrainResult:
     """Steps from `step` to `num_train_steps`: checkpoints, summaries, evaluation, stops."""
     train_step = train_step_lib.make_train_step(
         model, optimizer, loss_fn, state_shardings, batch_shardings, mesh, rules,
         skip_nonfinite=skip_nonfinite, microbatches=microbatches)
     evaluator = (TrainingEvaluator(model, state_shardings.params, mesh, rules, tokenizer,
-                                   eval_data, query_length, passage_length, eval_batch_size,
-                                   model_dir=run.root, split=eval_split)
-                 if eval_data else None)
+                                   evaluation, query_length=query_length,
+                                   passage_length=passage_length, model_dir=run.root)
+                 if evaluation.data else None)
     summaries = Summaries(run.root)
     logging.info("training from step %d to %d, global batch %d, mesh %s, setup took %.1fs",
                  step, num_train_steps, global_batch_size, dict(mesh.shape),
                  time.monotonic() - started)
 
     progress = Progress(step, num_train_steps, global_batch_size, summaries)
+    timed_saves = _TimedSaves(checkpoints.every_minutes)
     eval_metrics: dict[str, float] = {}
     preempted = False
     # SIGTERM is caught until the end, so a notice during the final evaluation or save lets
@@ -268,17 +252,22 @@ def _train_loop(run, manager, state, state_shardings, iterator, to_devices, mode
                 step += 1
                 progress.add(step, metrics)
                 preempted = preemption.reached(step)
-                save = preempted or step % checkpoint_every == 0 or step == num_train_steps
-                if save or step % log_every == 0 or progress.first_step_pending:
+                save = (preempted or step % checkpoints.every_steps == 0
+                        or step == num_train_steps)
+                log = step % log_every == 0
+                if save or log or progress.first_step_pending:
                     # A non-finite loss raises here, before anything is checkpointed.
                     progress.flush(skip_nonfinite)
+                save = save or (log and timed_saves.due())
                 if save:
                     _save(manager, step, state, data_state)
+                    timed_saves.saved()
                 if preempted:
                     logging.warning("%s: checkpoint of step %d written; run the same command "
                                     "again to resume", preemption.reason, step)
                     break
-                if evaluator and eval_every and step % eval_every == 0 and step < num_train_steps:
+                every = evaluation.every_steps
+                if evaluator and every and step % every == 0 and step < num_train_steps:
                     progress.flush(skip_nonfinite)  # never evaluate non-finite parameters
                     eval_metrics = evaluator(state.params, step, summaries)
             preemption.steps_done()
@@ -297,6 +286,27 @@ def _train_loop(run, manager, state, state_shardings, iterator, to_devices, mode
                        checkpoint=None if newest is None else manager.directory / str(newest),
                        seconds=time.monotonic() - started,
                        skipped_nonfinite=progress.skipped_nonfinite)
+
+
+class _TimedSaves:
+    """Is a checkpoint due by time (`CheckpointConfig.every_minutes`)? Process 0's clock
+    decides for all, so every process saves the same step."""
+
+    def __init__(self, every_minutes: float | None):
+        self._interval = None if every_minutes is None else 60.0 * every_minutes
+        self._last = time.monotonic()
+
+    def due(self) -> bool:
+        if self._interval is None:
+            return False
+        due = time.monotonic() - self._last >= self._interval
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+            due = bool(multihost_utils.broadcast_one_to_all(np.int32(due)))
+        return due
+
+    def saved(self) -> None:
+        self._last = time.monotonic()
 
 
 def _save(manager, step: int, state, data_state) -> None:
@@ -339,15 +349,6 @@ def _raise_if_out_of_space(error: BaseException, manager, step: int) -> None:
                           "run the same command again to resume") from error
 
 
-# (smallest value, may be None) of train()'s integer settings.
-_INTEGER_SETTINGS = {
-    "global_batch_size": (1, False), "num_train_steps": (1, False),
-    "query_length": (2, False), "passage_length": (2, False),  # a token and EOS
-    "checkpoint_every": (1, False), "log_every": (1, False), "eval_every": (1, True),
-    "keep_checkpoints": (1, True), "eval_batch_size": (1, False), "microbatches": (1, False),
-}
-
-
 def _make_optimizer(factory: Callable[..., optax.GradientTransformation], total_steps: int,
                     logical_axes) -> optax.GradientTransformation:
     """The optimiser, built once the model's logical axes are known (a factory that takes
@@ -363,21 +364,6 @@ def _make_optimizer(factory: Callable[..., optax.GradientTransformation], total_
         raise
     except ValueError as error:  # its message names the make_optimizer setting
         raise ConfigError(str(error)) from error
-
-
-def _check_settings(**values) -> None:
-    """Each integer setting is an int of at least its smallest value; the error names it
-    (`parameter`, which the CLI turns into the Gin binding that set it)."""
-    for name, value in values.items():
-        smallest, may_be_none = _INTEGER_SETTINGS[name]
-        if value is None and may_be_none:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
-            expected = (f"an integer >= {smallest}" if smallest > 1 else "a positive integer")
-            error = ConfigError(f"train.{name} must be {expected}"
-                                + (" or None" if may_be_none else "") + f", got {value!r}")
-            error.parameter = f"train.{name}"
-            raise error
 
 
 @contextlib.contextmanager
@@ -408,9 +394,9 @@ def _check_resumable(run: run_dir.RunDir, manifest: run_manifest.RunManifest, ne
                 + ". Set them back, or choose a new MODEL_DIR for the new model")
     if manifest.vocabulary and run_manifest.vocabulary_differs(run.root, manifest.vocabulary):
         raise ChangedConfigError(
-            f"VOCABULARY (train.vocabulary) = {manifest.vocabulary} differs from the vocabulary "
-            f"the run in {run.root} was trained with ({run.vocabulary}); use that one, or "
-            "choose a new MODEL_DIR")
+            f"VOCABULARY (DataConfig.vocabulary) = {manifest.vocabulary} differs from the "
+            f"vocabulary the run in {run.root} was trained with ({run.vocabulary}); use that "
+            "one, or choose a new MODEL_DIR")
 
 
 def _record_run(run: run_dir.RunDir, manifest: run_manifest.RunManifest,

@@ -1,7 +1,7 @@
 """Evaluation during training: EVAL_DATA scored with the current parameters, as samtone-eval
 scores a checkpoint.
 
-EVAL_DATA is a BEIR folder (its `eval_split`, default "test", against its whole corpus),
+EVAL_DATA is a BEIR folder (its `EvalConfig.split`, default "test", against its whole corpus),
 held-out pairs (ranked against their unique passages), or graded pairs (every example
 labelled, labels not all equal: Spearman and Pearson of cosine against the labels). It
 encodes with the same jitted, sharded tower functions as serving (samtone.inference) and
@@ -12,7 +12,7 @@ TensorBoard (MODEL_DIR/eval) and to MODEL_DIR/eval/<data name>/<step>/metrics.js
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -27,15 +27,16 @@ from samtone.data import files
 from samtone.data import retrieval
 from samtone.data.tokenizer import Tokenizer
 from samtone.summaries import Summaries, format_metrics
+from samtone.train_config import EvalConfig
 
 
 class TrainingEvaluator:
-    """Scores `eval_data` with given parameters: retrieval metrics, or correlations."""
+    """Scores `evaluation.data` with given parameters: retrieval metrics, or correlations."""
 
     def __init__(self, model: nn.Module, param_shardings: Any, mesh: Mesh, rules,
-                 tokenizer: Tokenizer, eval_data: str | Sequence[str], query_length: int,
-                 passage_length: int, batch_size: int, *, model_dir: str | None = None,
-                 split: str = "test"):
+                 tokenizer: Tokenizer, evaluation: EvalConfig, *, query_length: int,
+                 passage_length: int, model_dir: str | None = None):
+        eval_data, split, batch_size = evaluation.data, evaluation.split, evaluation.batch_size
         self.graded_examples = None
         folder = retrieval.beir_folder(eval_data)
         if folder is not None:

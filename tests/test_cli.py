@@ -72,7 +72,7 @@ def test_serving_commands_take_relative_paths(smoke):
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert (folder / "exported" / "params.safetensors").is_file()
     analyzed = _run(folder, "samtone-analyze", "--model_dir=runs/smoke", "--data=pairs.jsonl",
-                    "--output_dir=analysis", "--max_points=40", "--batch_size=16")
+                    "--output=analysis", "--max_points=40", "--batch_size=16")
     assert analyzed.returncode == 0, analyzed.stderr[-3000:]
     assert json.loads((folder / "analysis" / "summary.json").read_text())["step"] == 400
     evaluated = _run(folder, "samtone-eval", "--model_dir=runs/smoke", "--data=pairs.jsonl",
@@ -101,7 +101,8 @@ _QUICK = ["--gin_file=configs/smoke.gin", "--gin.TRAIN_STEPS=2", "--gin.BATCH_SI
                                         "positive integer, got 'sixty-four'"),
     (["--gin.TRAIN_STEPS=10.5"], "TRAIN_STEPS \\(train.num_train_steps\\) must be a positive "
                                  "integer, got 10.5"),
-    (["--gin.train.checkpoint_every=0"], "train.checkpoint_every must be a positive integer"),
+    (["--gin.CheckpointConfig.every_steps=0"],
+     "CheckpointConfig.every_steps must be a positive integer"),
     (["--gin.make_optimizer.learning_rate=-1.0"], "make_optimizer.learning_rate=-1.0 must be "
                                                   ">= 0"),
     (["--gin.losses.samtone_loss.temperature=0.0"], "train.loss \\(samtone_loss\\): temperature "
@@ -140,7 +141,7 @@ def test_traceback_flag_shows_the_stack(tmp_path):
 
 @pytest.mark.slow
 def test_damaged_newest_checkpoint_is_moved_aside_and_reruns_are_clean(tmp_path):
-    args = [*_QUICK, "--gin.TRAIN_STEPS=4", "--gin.train.checkpoint_every=2",
+    args = [*_QUICK, "--gin.TRAIN_STEPS=4", "--gin.CheckpointConfig.every_steps=2",
             "--gin.QUERY_LENGTH=16", "--gin.PASSAGE_LENGTH=32", "--gin.MODEL_DIR='run'"]
     first = _run(tmp_path, "samtone-train", *args)
     assert first.returncode == 0, first.stderr[-3000:]

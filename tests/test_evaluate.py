@@ -206,7 +206,7 @@ def trained(tmp_path_factory):
     """A tiny run evaluated on a BEIR folder after each of its 2 steps."""
     folder = make_smoke_beir(tmp_path_factory.mktemp("data") / "smokebeir")
     run = train_tiny_run(tmp_path_factory.mktemp("run") / "run", f"--gin.EVAL_DATA='{folder}'",
-                         "--gin.train.eval_every=1")
+                         "--gin.EvalConfig.every_steps=1")
     return run, folder
 
 

@@ -20,7 +20,7 @@ from samtone.checkpoints.manager import read_checkpoint
 REPO = pathlib.Path(__file__).resolve().parents[1]
 _CONFIG = "configs/smoke.gin"
 _BINDINGS = ["--gin.TRAIN_STEPS=4", "--gin.BATCH_SIZE=16", "--gin.PASSAGE_LENGTH=32",
-             "--gin.train.log_every=2", "--gin.train.checkpoint_every=2",
+             "--gin.train.log_every=2", "--gin.CheckpointConfig.every_steps=2",
              "--gin.t5_1_1_config.dropout_rate=0.1"]
 
 

@@ -76,9 +76,9 @@ def test_a_refused_resume_leaves_the_run_byte_identical(base_run, args, named):
 
 
 @pytest.mark.parametrize("binding, named", [
-    ("--gin.TRAIN_DATA='/nope.jsonl'", "TRAIN_DATA (train.train_data): no such file"),
+    ("--gin.TRAIN_DATA='/nope.jsonl'", "TRAIN_DATA (DataConfig.train_data): no such file"),
     # Checked before training, not after it (the evaluation at the end reads it).
-    ("--gin.EVAL_DATA='/nope'", "EVAL_DATA (train.eval_data): no such file"),
+    ("--gin.EVAL_DATA='/nope'", "EVAL_DATA (EvalConfig.data): no such file"),
 ])
 def test_a_failed_start_creates_no_model_dir(tmp_path, binding, named):
     model_dir = tmp_path / "new" / "run"
@@ -215,7 +215,7 @@ def test_ctrl_c_checkpoints_the_current_step_and_exits_130(tmp_path):
         [sys.executable, "-m", "samtone.cli.train", "--gin_file=configs/smoke.gin",
          f"--gin.MODEL_DIR='{model_dir}'", "--gin.EVAL_DATA=None", "--gin.BATCH_SIZE=8",
          "--gin.QUERY_LENGTH=16", "--gin.PASSAGE_LENGTH=32", "--gin.TRAIN_STEPS=100000",
-         "--gin.train.checkpoint_every=100000"],
+         "--gin.CheckpointConfig.every_steps=100000"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     stderr = []
     for line in process.stderr:  # wait for the first step, so the loop is running

@@ -16,6 +16,7 @@ from samtone import tasks  # noqa: E402  pylint: disable=wrong-import-position
 from samtone.data import seqio_source  # noqa: E402
 from samtone.data.pipeline import stable_id  # noqa: E402
 from samtone.data.tokenizer import Tokenizer, train_sentencepiece  # noqa: E402
+from samtone.train_config import CheckpointConfig, DataConfig  # noqa: E402
 
 _SQUAD = [  # (question, context, answer, the sentence expected as passage)
     ("Who wrote Hamlet?",
@@ -382,10 +383,12 @@ def test_train_loop_reads_a_task_and_resumes_it(pairs_task, spm_path, tmp_path):
     def run(steps):
         seen.clear()
         return train_lib.train(
-            model_dir=str(tmp_path), model=model, train_data=pairs_task, vocabulary=spm_path,
+            model_dir=str(tmp_path), model=model,
+            data=DataConfig(train_data=pairs_task, vocabulary=spm_path, query_length=12,
+                            passage_length=16, batch_iterator_factory=factory),
             loss=functools.partial(losses.samtone_loss, temperature=0.05),
-            batch_iterator_factory=factory, global_batch_size=8, query_length=12,
-            passage_length=16, num_train_steps=steps, log_every=100, checkpoint_every=2,
+            global_batch_size=8, num_train_steps=steps, log_every=100,
+            checkpoints=CheckpointConfig(every_steps=2),
             # One device compiles fastest; the sharded paths have their own tests.
             mesh=partitioning.make_mesh(devices=jax.devices()[:1]))
 

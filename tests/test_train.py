@@ -81,7 +81,7 @@ def test_resume_after_a_crash_reaches_the_uninterrupted_params(tmp_path):
     # Dies reading batch 5, which train() reads (and copies to the devices) before step 4,
     # so after the checkpoint of step 2.
     with pytest.raises(_Interrupted):
-        _train(tmp_path / "resumed", batch_iterator_factory=_interrupting_factory(4))
+        _train(tmp_path / "resumed", data={"batch_iterator_factory": _interrupting_factory(4)})
     resumed = _train(tmp_path / "resumed")
 
     assert resumed.step == 6
@@ -95,9 +95,11 @@ def test_packed_run_resumes_exactly_and_a_rerun_compiles_nothing(tmp_path):
     compiled steps in the persistent compilation cache under model_dir."""
     factory = functools.partial(pipeline.make_batch_iterator, pack=True)
     cache = "compilation_cache"
-    reference = _train(tmp_path / "reference", batch_iterator_factory=factory, mesh=None)
+    reference = _train(tmp_path / "reference", data={"batch_iterator_factory": factory},
+                       mesh=None)
     with pytest.raises(_Interrupted):
-        _train(tmp_path / "resumed", batch_iterator_factory=_interrupting_factory(4, pack=True),
+        _train(tmp_path / "resumed",
+               data={"batch_iterator_factory": _interrupting_factory(4, pack=True)},
                compilation_cache_dir=cache, mesh=None)
     assert list((tmp_path / "resumed" / cache).iterdir())
     events = []
@@ -107,7 +109,7 @@ def test_packed_run_resumes_exactly_and_a_rerun_compiles_nothing(tmp_path):
 
     jax.monitoring.register_event_listener(listen)
     try:
-        resumed = _train(tmp_path / "resumed", batch_iterator_factory=factory,
+        resumed = _train(tmp_path / "resumed", data={"batch_iterator_factory": factory},
                          compilation_cache_dir=cache, mesh=None)
     finally:
         jax.monitoring.unregister_event_listener(listen)
@@ -158,7 +160,8 @@ def test_init_from_a_hugging_face_checkpoint(tmp_path):
     _, expected = load_hf_t5_encoder(tmp_path / "hf")
 
     # A zero learning rate keeps the params at their initial values.
-    result = _train(tmp_path / "run", steps=1, init_checkpoint=str(tmp_path / "hf"),
+    result = _train(tmp_path / "run", steps=1,
+                    checkpoints={"init_checkpoint": str(tmp_path / "hf")},
                     optimizer_factory=functools.partial(
                         optimizers.make_optimizer, learning_rate=0.0))
     for tower in ("query_encoder", "passage_encoder"):
@@ -231,7 +234,7 @@ def test_paper_recipe(size, clean_gin):
         _, state = optimizer.update({"w": jnp.full((4, 4), 0.1)}, state, params)
         rates.append(float(optimizers.current_learning_rate(state)))
     np.testing.assert_allclose(rates, [1e-3 * (1 - k / total) for k in range(3)], rtol=1e-6)
-    assert gin_parsing.setting("train.init_checkpoint") == "/models/t5"
+    assert gin_parsing.setting("CheckpointConfig.init_checkpoint") == "/models/t5"
     if size == "xxl":
         assert config.scan_layers and config.remat_policy != "none"
 
@@ -270,7 +273,7 @@ def test_gin_flag_shorthand():
 # The command line, in subprocesses: the smoke config end to end, and SIGTERM then resume.
 
 _CLI = ["-m", "samtone.cli.train", "--gin_file=configs/smoke.gin", "--gin.TRAIN_STEPS=40",
-        "--gin.BATCH_SIZE=16", "--gin.PASSAGE_LENGTH=48", "--gin.train.checkpoint_every=1000"]
+        "--gin.BATCH_SIZE=16", "--gin.PASSAGE_LENGTH=48", "--gin.CheckpointConfig.every_steps=1000"]
 # Runs the CLI, then reports whether anything imported TensorFlow.
 _WITHOUT_TF = ("import runpy, sys\n"
                "try:\n"
@@ -295,7 +298,7 @@ def smoke_run(tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("smoke")
     completed = subprocess.run(
         [sys.executable, "-c", _WITHOUT_TF, *_CLI[2:], f"--gin.MODEL_DIR='{model_dir}'",
-         "--gin.train.log_every=10", "--gin.train.eval_every=20"],
+         "--gin.train.log_every=10", "--gin.EvalConfig.every_steps=20"],
         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     return model_dir, completed
 
@@ -306,7 +309,7 @@ def test_smoke_config_end_to_end_without_tensorflow(smoke_run):
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "tensorflow imported: False" in completed.stdout
     assert "samtone-train: step 40/40" in completed.stdout and "MRR" in completed.stdout
-    assert "eval at step 20 on eval (300 queries, 300 passages)" in completed.stderr  # eval_every
+    assert "eval at step 20 on eval (300 queries, 300 passages)" in completed.stderr  # every_steps
     assert "step 40/40 | loss" in completed.stderr and "examples/s | ETA" in completed.stderr
     assert _final_state(model_dir)[0] == 40
     assert glob.glob(str(model_dir / "train" / "events.out.tfevents.*"))

@@ -33,7 +33,7 @@ def train_tiny_run(model_dir, *gin_args, steps=2):
         "train", "--gin_file=configs/smoke.gin", f"--gin.MODEL_DIR='{model_dir}'",
         "--gin.EVAL_DATA=None", f"--gin.TRAIN_STEPS={steps}", "--gin.BATCH_SIZE=8",
         f"--gin.QUERY_LENGTH={QUERY_LENGTH}", f"--gin.PASSAGE_LENGTH={PASSAGE_LENGTH}",
-        "--gin.train.checkpoint_every=1", "--gin.train.keep_checkpoints=None", *gin_args)
+        "--gin.CheckpointConfig.every_steps=1", "--gin.CheckpointConfig.keep=None", *gin_args)
     assert result.returncode == 0, result.stderr[-3000:]
     return model_dir
 
@@ -52,21 +52,27 @@ def smoke_texts(count=11):
 def train_in_process(model_dir, *, model, steps=6, **overrides):
     """samtone.train.train of `model` on the smoke data in this process: batch 16, lengths
     16/32, SamToNe at t = 0.05, a checkpoint every 2 steps (all kept), one device (it compiles
-    fastest; the sharded paths have their own tests). `overrides` replace any argument."""
+    fastest; the sharded paths have their own tests). `overrides` replace any argument; a
+    dict given for a group (data, checkpoints, evaluation) replaces those fields of it."""
     # pylint: disable=import-outside-toplevel  (jax after conftest set the device count)
+    import dataclasses
     import functools
 
     import jax
 
     from samtone import losses, partitioning
     from samtone import train as train_lib
+    from samtone.train_config import CheckpointConfig, DataConfig, EvalConfig
 
     kwargs = dict(
         model_dir=str(model_dir), model=model,
         loss=functools.partial(losses.samtone_loss, temperature=0.05),
-        train_data=smoke_path("train.jsonl"), vocabulary=smoke_path("spm.model"),
-        global_batch_size=16, num_train_steps=steps, query_length=16, passage_length=32,
-        log_every=2, checkpoint_every=2, keep_checkpoints=None,
+        data=DataConfig(train_data=smoke_path("train.jsonl"),
+                        vocabulary=smoke_path("spm.model"), query_length=16, passage_length=32),
+        checkpoints=CheckpointConfig(every_steps=2, keep=None), evaluation=EvalConfig(),
+        global_batch_size=16, num_train_steps=steps, log_every=2,
         mesh=partitioning.make_mesh(devices=jax.devices()[:1]))
-    kwargs.update(overrides)
+    for name, value in overrides.items():
+        kwargs[name] = (dataclasses.replace(kwargs[name], **value) if isinstance(value, dict)
+                        else value)
     return train_lib.train(**kwargs)

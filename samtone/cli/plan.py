@@ -84,8 +84,8 @@ def main(argv: Sequence[str]) -> None:
     rules = partitioning.logical_axis_rules(rules) if isinstance(rules, str) else rules
     loss_fn = train_step.make_loss_fn(setting("train.loss"), setting("train.loss_inputs", None))
     batch = plan.example_batch(setting("train.global_batch_size"),
-                               setting("train.query_length", 64),
-                               setting("train.passage_length", 256),
+                               setting("DataConfig.query_length", 64),
+                               setting("DataConfig.passage_length", 256),
                                setting("make_batch_iterator.num_negatives", 0))
     optimizer = gin.get_configurable("make_optimizer")(
         total_steps=setting("train.num_train_steps"),

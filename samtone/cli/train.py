@@ -36,8 +36,8 @@ def define_flags() -> None:
 
 # Parameters holding paths: made absolute before the run starts, so config.gin, the manifest
 # and the printed next steps work from any folder.
-PATH_PARAMETERS = ("train.model_dir", "train.train_data", "train.eval_data",
-                   "train.vocabulary", "train.init_checkpoint")
+PATH_PARAMETERS = ("train.model_dir", "DataConfig.train_data", "EvalConfig.data",
+                   "DataConfig.vocabulary", "CheckpointConfig.init_checkpoint")
 
 
 def check_settings() -> None:
@@ -86,15 +86,15 @@ def summary(result, model_dir: str, total_steps: int) -> str:
     lines.append(f"checkpoint: {result.checkpoint}")
     lines.append(f"run:        {model_dir} (model.json, config.gin, TensorBoard: tensorboard "
                  f"--logdir {shlex.quote(model_dir)})")
-    eval_data = gin_parsing.setting("train.eval_data", None)
+    eval_data = gin_parsing.setting("EvalConfig.data", None)
     data = eval_data if isinstance(eval_data, str) else "HELD_OUT.jsonl"
-    split = gin_parsing.setting("train.eval_split", "test")
+    split = gin_parsing.setting("EvalConfig.split", "test")
     quoted = shlex.quote(model_dir)
     lines.append("next:")
     lines.append(f"  evaluate: samtone-eval --model_dir={quoted} --data={shlex.quote(data)}"
                  + (" --split=" + shlex.quote(split) if split != "test" else ""))
     lines.append(f"  analyze:  samtone-analyze --model_dir={quoted} --data={shlex.quote(data)} "
-                 f"--output_dir={shlex.quote(model_dir + '/analysis')}")
+                 f"--output={shlex.quote(model_dir + '/analysis')}")
     lines.append(f"  export:   samtone-export --model_dir={quoted} "
                  f"--output={shlex.quote(model_dir + '/export')}")
     lines.append(f"  mine:     samtone-mine --model_dir={quoted} --train_data=TRAIN.jsonl "

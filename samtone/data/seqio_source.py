@@ -17,7 +17,7 @@ samtone.data.pipeline does for files:
 
 `make_seqio_batch_iterator` batches a Task for this process and has the `get_state()` /
 `set_state()` of samtone.data.pipeline.BatchIterator, so `samtone.train.train` consumes it
-through `train.batch_iterator_factory`.
+through `DataConfig.batch_iterator_factory`.
 
 Resuming skips. The state is the number of batches consumed; `set_state` rebuilds the
 tf.data pipeline from the same seed and skips that many batches. The skipped examples are
@@ -290,8 +290,8 @@ def make_seqio_batch_iterator(task_name, split: str = "train", *, global_batch_s
                               local_rows=None, use_cached: bool = False) -> SeqioBatchIterator:
     """Batches of a seqio Task for this process, with get_state/set_state.
 
-    A drop-in `train.batch_iterator_factory`: train.py calls it with the Task name as its
-    first argument (`train.train_data`) and these keywords.
+    A drop-in `DataConfig.batch_iterator_factory`: train.py calls it with the Task name as its
+    first argument (`DataConfig.train_data`) and these keywords.
 
     Args:
       task_name: a registered seqio Task or Mixture name (or the object).
@@ -338,7 +338,7 @@ def check_same_vocabulary(task, spm_model_path: str) -> None:
         return
     raise ValueError(
         f"seqio task {task.name!r} tokenises with {task_path!r} but the training vocabulary "
-        f"(gin: train.vocabulary) is {spm_model_path!r}, a different SentencePiece model; "
+        f"(gin: DataConfig.vocabulary) is {spm_model_path!r}, a different SentencePiece model; "
         "register the task with the same file (e.g. samtone.tasks.tfds_task(..., "
         "vocabulary_path=%VOCABULARY))")
 
