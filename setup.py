@@ -60,6 +60,12 @@ setuptools.setup(
             "tensorflow-text>=2.15",
         ],
         "analysis": ["matplotlib>=3.8", "scikit-learn>=1.4"],
+        # The accelerators: a plain install runs JAX on the CPU only. `tpu` brings libtpu (Cloud
+        # TPU VMs), `cuda` the CUDA 12 plugin with its CUDA libraries (NVIDIA GPUs).
+        "tpu": ["jax[tpu]>=0.10,<0.11"],
+        "cuda": ["jax[cuda12]>=0.10,<0.11"],
+        # MODEL_DIR, data and vocabularies on gs:// (etils paths, tensorboardX's GCS writer).
+        "gcs": ["gcsfs>=2023.1", "google-cloud-storage>=2.10"],
         # samtone-export --format=saved_model (jax2tf + the SentencePiece op in the graph).
         "serving": ["tensorflow>=2.15", "tensorflow-text>=2.15"],
         # samtone-export --format=sentence_transformers; the folder it writes loads with

@@ -5,6 +5,7 @@
 #     --gin.MODEL_DIR="'/runs/base'" --gin.TRAIN_DATA="'train.jsonl'" ...
 #
 # Pick GPUs with CUDA_VISIBLE_DEVICES. Extra arguments go to samtone-train unchanged.
+# Needs the CUDA build of JAX: pip install 'samtone[cuda]' (a plain install is CPU-only).
 set -euo pipefail
 config=${1:?usage: $0 CONFIG.gin [--gin.NAME=VALUE ...]}
 shift

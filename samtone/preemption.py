@@ -1,14 +1,16 @@
-"""Stop requests: a preemption notice (SIGTERM) or Ctrl-C (SIGINT) stops after the current step
-with a checkpoint. A preempted run exits 143 so that schedulers rerun it to resume; Ctrl-C
-exits 130.
+"""Stop requests: a preemption notice (SIGTERM), a hang-up (SIGHUP) or Ctrl-C (SIGINT) stops
+after the current step with a checkpoint. A preempted or hung-up run exits 143 so that
+schedulers and launch/tpu_worker.sh rerun it to resume; Ctrl-C exits 130.
 
 Multi-process jobs use JAX's preemption service (jax.distributed installs it, catches SIGTERM
-and picks a step every process reaches); a single process sets a flag from a signal handler,
+and picks a step every process reaches); a SIGHUP there is re-sent to the process as SIGTERM, so
+the service handles it the same way. A single process sets a flag from a signal handler,
 checked between steps. A second Ctrl-C, or one after the last step (its checkpoint written),
 interrupts at once.
 """
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
@@ -38,6 +40,8 @@ class PreemptionNotice:
         if threading.current_thread() is threading.main_thread():
             if jax.process_count() == 1:
                 self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_sigterm)
+            # A dropped ssh session sends SIGHUP, whose default would kill the run unsaved.
+            self._previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_sighup)
             self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_sigint)
         return self
 
@@ -50,6 +54,14 @@ class PreemptionNotice:
     def _on_sigterm(self, signum, frame):  # pylint: disable=unused-argument
         logging.warning("SIGTERM received: stopping after this step with a checkpoint")
         self.received = True
+
+    def _on_sighup(self, signum, frame):  # pylint: disable=unused-argument
+        logging.warning("SIGHUP received (hang-up): stopping after a step with a checkpoint")
+        if jax.process_count() > 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # to JAX's preemption service, as a notice
+            return
+        self.received = True
+        self.reason = "hang-up (SIGHUP)"
 
     def _on_sigint(self, signum, frame):  # pylint: disable=unused-argument
         if self.interrupted or self._steps_done or jax.process_count() > 1:

@@ -5,6 +5,8 @@ Library modules stay Gin-free; this file wraps their constructors and functions 
 the command-line layer imports it, so embedding text or reading a checkpoint never loads Gin:
 
   train                       samtone.train.train (the loop)
+  DataConfig, CheckpointConfig, EvalConfig
+                              its groups of settings (samtone.train_config)
   distributed                 initialize_distributed below (jax.distributed.initialize)
   t5_1_1_config               T5.1.1 preset by size name, with field overrides
   dual_encoder                DualEncoder(config, architecture, projection_dim)
@@ -19,6 +21,7 @@ the command-line layer imports it, so embedding text or reading a checkpoint nev
 """
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import gin
@@ -31,7 +34,9 @@ from samtone import losses
 from samtone import optimizers
 from samtone import partitioning
 from samtone import train as train_lib
+from samtone import train_config
 from samtone.data import pipeline
+from samtone.errors import ConfigError
 from samtone.models import dual_encoder as dual_encoder_lib
 from samtone.models import t5
 
@@ -61,24 +66,39 @@ def initialize_distributed(coordinator_address: str | None = None,
                            cpu_collectives: str | None = None) -> None:
     """Joins a multi-process JAX job: explicitly (coordinator given) or auto-detected (`auto`).
 
-    `auto=True` lets JAX find the cluster itself (Cloud TPU pods, SLURM, Open MPI).
+    `auto=True` lets JAX find the cluster itself (Cloud TPU pods, SLURM, Open MPI); it fills in
+    only what is None, so `local_device_ids` given with it still count (launch/slurm.sh gives
+    all of a node's GPUs, where JAX's SLURM default is one GPU per process).
     `cpu_collectives="gloo"` is needed for CPU-only multi-process runs (tests, laptops).
     With neither a coordinator nor `auto`, this is a single-process run and does nothing.
+
+    The launchers export SAMTONE_EXPECTED_LOCAL_DEVICES, the devices they gave each host;
+    a process that sees another number raises ConfigError, before a mesh is built on the wrong
+    devices (a CPU-only jaxlib, one GPU of eight).
     """
     if coordinator_address is None and not auto:
         return
     if cpu_collectives:
         jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
-    if coordinator_address is None:
-        jax.distributed.initialize()
-    else:
-        jax.distributed.initialize(coordinator_address, num_processes, process_id,
-                                   local_device_ids=local_device_ids)
+    jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                               local_device_ids=local_device_ids)
+    found = jax.local_device_count()
     logging.info("joined distributed job: process %d of %d, %d local devices",
-                 jax.process_index(), jax.process_count(), jax.local_device_count())
+                 jax.process_index(), jax.process_count(), found)
+    expected = os.environ.get("SAMTONE_EXPECTED_LOCAL_DEVICES", "").strip()
+    if expected and expected != str(found):
+        kind = {"gpu": "GPU", "tpu": "TPU"}.get(jax.local_devices()[0].platform, "CPU device")
+        hint = ("JAX found no GPU or TPU (a CPU-only jax?): pip install 'samtone[cuda]' "
+                "(GPUs) or 'samtone[tpu]' (TPU VMs)" if kind == "CPU device"
+                else f"check distributed.local_device_ids ({local_device_ids}) and the job's "
+                     "device binding")
+        raise ConfigError(f"this process sees {found} {kind}{'s' * (found != 1)}, the launcher "
+                          f"gave this host {expected} (SAMTONE_EXPECTED_LOCAL_DEVICES); {hint}")
 
 
 gin.external_configurable(train_lib.train, name="train")
+for _group in (train_config.DataConfig, train_config.CheckpointConfig, train_config.EvalConfig):
+    gin.external_configurable(_group)
 gin.external_configurable(initialize_distributed, name="distributed")
 gin.external_configurable(t5_1_1_config, name="t5_1_1_config")
 gin.external_configurable(dual_encoder, name="dual_encoder")
