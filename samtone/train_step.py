@@ -28,6 +28,7 @@ from samtone import grad_cache
 from samtone import losses
 from samtone import optimizers
 from samtone import partitioning
+from samtone.checkpoints import lazy
 from samtone.data import packing
 from samtone.errors import ConfigError
 from samtone.models import t5
@@ -102,9 +103,11 @@ def init_train_state(model: nn.Module, optimizer: optax.GradientTransformation,
     Random initialisation runs under `jax.jit(out_shardings=...)`, so each device only ever
     holds its own shards. `init_params` (e.g. pretrained encoder towers) is a full or partial
     parameter tree, boxed or not, optionally under "params": its leaves are placed onto their
-    shardings (`jax.device_put`; host arrays shard by shard) and any parameter it lacks
-    (e.g. the projection) is initialised randomly. T5 encoder layers are restacked if it has
-    the other layer layout (layers_{i} vs scan_layers' layers).
+    shardings (`jax.device_put`; host arrays shard by shard; the lazy arrays of a pretrained
+    checkpoint read slice by slice, each process reading only its devices' shards, and once
+    for all the towers sharing it) and any parameter it lacks (e.g. the projection) is
+    initialised randomly. T5 encoder layers are restacked if it has the other layer layout
+    (layers_{i} vs scan_layers' layers).
 
     Args:
       model: the DualEncoder (any module taking (query_tokens, passage_tokens, *, deterministic)).
@@ -152,6 +155,7 @@ def _place_params(init_params, abstract_params, param_shardings, init) -> Any:
         random_values = jax.jit(init_missing, out_shardings=[sharding_leaves[i] for i in missing])()
     values = []
     random_iter = iter(random_values if missing else ())
+    placed_by_id = {}  # ade's towers share each given array: read it once, then copy it
     for (path, leaf), sharding in zip(abstract_leaves, sharding_leaves):
         if path not in given_by_path:
             values.append(next(random_iter))
@@ -160,12 +164,19 @@ def _place_params(init_params, abstract_params, param_shardings, init) -> Any:
         if tuple(np.shape(value)) != tuple(leaf.shape):
             raise ValueError(f"init_params{jax.tree_util.keystr(path)} has shape "
                              f"{tuple(np.shape(value))}; the model's parameter has {leaf.shape}")
+        placed = placed_by_id.get(id(value))
+        if placed is not None and placed.sharding == sharding and placed.dtype == leaf.dtype:
+            values.append(jnp.array(placed, copy=True))  # the step donates each buffer
+            continue
         values.append(_place(value, leaf.dtype, sharding))
+        placed_by_id[id(value)] = values[-1]
     return treedef.unflatten(values)
 
 
 def _place(value, dtype, sharding: NamedSharding) -> jax.Array:
     """`value` as a global array laid out as `sharding`, each device given only its shard."""
+    if isinstance(value, lazy.LazyArray):  # read now, each process only its devices' slices
+        return lazy.place(value, sharding, dtype)
     if isinstance(value, jax.Array):
         return jax.device_put(value.astype(dtype), sharding)
     # A host array (every process holds all of it, as after reading a checkpoint): each
@@ -174,22 +185,33 @@ def _place(value, dtype, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
-def _align_layout(given, abstract, where: str):
-    """`given` with T5 layer stacks converted to `abstract`'s layout; unknown keys are errors."""
+def _align_layout(given, abstract, where: str, converted: dict | None = None):
+    """`given` with T5 layer stacks converted to `abstract`'s layout; unknown keys are errors.
+
+    An encoder shared by several towers (ade) is converted once, so that its leaves stay
+    shared (`_place_params` reads a checkpoint's array once for all of them)."""
+    converted = {} if converted is None else converted
     if not isinstance(abstract, dict):
         return given
     if not isinstance(given, dict):
         raise ValueError(f"init_params: {where} should be a dict with keys {sorted(abstract)}, "
                          f"found {type(given).__name__}")
+    convert = None
     if "layers" in abstract and "layers_0" in given:
-        given = t5.stack_layer_params(given, sum(k.startswith("layers_") for k in given))
+        convert = functools.partial(t5.stack_layer_params,
+                                    num_layers=sum(k.startswith("layers_") for k in given))
     elif "layers_0" in abstract and "layers" in given:
-        given = t5.unstack_layer_params(given)
+        convert = t5.unstack_layer_params
+    if convert is not None:
+        leaves = tuple(map(id, jax.tree.leaves(given)))
+        if leaves not in converted:
+            converted[leaves] = convert(given)
+        given = converted[leaves]
     unknown = sorted(set(given) - set(abstract))
     if unknown:
         raise ValueError(f"init_params: {where} has {unknown}, which the model does not; it has "
                          f"{sorted(abstract)}")
-    return {key: _align_layout(value, abstract[key], f"{where}/{key}")
+    return {key: _align_layout(value, abstract[key], f"{where}/{key}", converted)
             for key, value in given.items()}
 
 

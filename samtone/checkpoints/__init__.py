@@ -6,6 +6,8 @@
                  layout (scanned or per layer), or another model (refused)
   pretrained.py  `INIT_CHECKPOINT`: pretrained encoder weights for a dual encoder's towers
   hf.py, t5x.py  importers of Hugging Face T5 folders and T5X checkpoints
+  lazy.py        their arrays read when placed, slice by slice: each process reads only the
+                 shards its devices hold
   convert.py     `samtone-convert`: a Hugging Face or T5X checkpoint as a samtone checkpoint
 
 Importing the package imports none of them; import the module you use

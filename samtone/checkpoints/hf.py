@@ -3,9 +3,13 @@
 Reads config.json and the weights: model.safetensors, a sharded model.safetensors.index.json,
 pytorch_model.bin or a sharded pytorch_model.bin.index.json. Torch is only needed for .bin,
 which is read with `torch.load(weights_only=True)`: tensors only, nothing else is unpickled.
-Decoder and LM-head tensors, if present, are ignored. `open_hf_t5_encoder` reads one tensor
-at a time (safetensors and .bin are memory-mapped), so a converter never holds the whole
-checkpoint; `load_hf_t5_encoder` collects them into a tree.
+Decoder and LM-head tensors, if present, are ignored. `hf_t5_encoder_arrays` reads no tensor:
+its leaves are `samtone.checkpoints.lazy.LazyArray`s, which read a safetensors tensor slice by
+slice (memory-mapped, only the bytes of the slice), so a process placing them on a mesh reads
+only the shards its devices hold. A .bin file is not sliced when read: torch.load takes the
+whole state dict first (memory-mapped where the file's format allows).
+`open_hf_t5_encoder` gives a function reading each whole array (a converter holds one at a
+time); `load_hf_t5_encoder` reads them all into a tree.
 
 The inverse, `save_hf_t5_encoder`, writes a folder `transformers.T5EncoderModel` loads.
 """
@@ -23,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from samtone.checkpoints import lazy
 from samtone.data.tokenizer import EOS_ID, PAD_ID
 from samtone.errors import CheckpointError, MissingFileError
 from samtone.models.t5 import FEED_FORWARD_PROJS, T5Config, T5Encoder
@@ -152,20 +157,23 @@ class _WeightFiles:
         with safe_open(file, framework="np") as f:
             return tuple(f.get_slice(name).get_shape())
 
-    def read(self, name: str) -> np.ndarray:
-        """Tensor `name` as float32 numpy."""
+    def read(self, name: str, index: tuple[slice, ...] = ()) -> np.ndarray:
+        """The slice `index` of tensor `name` (all of it by default) as float32 numpy.
+
+        A safetensors file is memory-mapped and only the slice's bytes are read; a .bin
+        tensor is sliced from the state dict torch.load gave.
+        """
         file = self.origin[name]
         try:
             if file.suffix != ".safetensors":
                 import torch  # pylint: disable=import-outside-toplevel
-                return self._torch_state(file)[name].detach().to(torch.float32).numpy()
+                tensor = self._torch_state(file)[name][index]
+                return tensor.detach().to(torch.float32).numpy()
+            # ml_dtypes gives numpy the bfloat16 that safetensors' numpy reader needs.
+            import ml_dtypes  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
             from safetensors import safe_open  # pylint: disable=import-outside-toplevel
             with safe_open(file, framework="np") as f:
-                if f.get_slice(name).get_dtype() != "BF16":
-                    return f.get_tensor(name).astype(np.float32)
-            # numpy has no bfloat16: read it through JAX, on the host.
-            with jax.default_device(jax.devices("cpu")[0]), safe_open(file, framework="flax") as f:
-                return np.asarray(f.get_tensor(name), np.float32)
+                return f.get_slice(name)[index].astype(np.float32, copy=False)
         except CheckpointError:
             raise
         except Exception as error:  # pylint: disable=broad-except
@@ -194,20 +202,18 @@ def encoder_shapes(config: T5Config) -> dict[tuple[str, ...], tuple[int, ...]]:
             traverse_util.flatten_dict(nn.unbox(abstract)).items()}
 
 
-def open_hf_t5_encoder(path: str | os.PathLike
-                       ) -> tuple[T5Config, dict[tuple[str, ...], Callable[[], np.ndarray]]]:
-    """(T5Config, parameter path -> a function reading that float32 array) of a Hugging Face
-    T5 folder, without reading any array.
+def hf_t5_encoder_arrays(path: str | os.PathLike) -> tuple[T5Config, dict]:
+    """(T5Config, the unscanned T5Encoder tree) of a Hugging Face T5 folder, its leaves float32
+    `LazyArray`s in samtone's layout (a Linear weight transposed), none read yet.
 
     Every expected tensor is checked to exist and to have the shape config.json implies (from
-    the files' headers) first; an error names the tensor, the parameter and both shapes. Each
-    function reads its one tensor (a converter holds one array at a time).
+    the files' headers) first; an error names the tensor, the parameter and both shapes.
     """
     directory = pathlib.Path(path)
     config = read_hf_config(directory)
     files = _weight_files(directory)
     weights = _WeightFiles(files)
-    readers = {}
+    arrays = {}
     for our_path, shape in encoder_shapes(config).items():
         hf_name, transpose = hf_tensor_name(our_path)
         candidates = [hf_name] if isinstance(hf_name, str) else list(hf_name)
@@ -222,13 +228,19 @@ def open_hf_t5_encoder(path: str | os.PathLike
             raise CheckpointError(
                 f"{weights.origin[name]}: tensor {name!r} has shape {stored}; config.json "
                 f"implies {shape[::-1] if transpose else shape} for {'/'.join(our_path)}")
+        tensor = lazy.Sliced(stored, np.dtype(np.float32),
+                             lambda index, name=name: weights.read(name, index))
+        arrays[our_path] = tensor.T if transpose else tensor
+    return config, traverse_util.unflatten_dict(arrays)
 
-        def read(name=name, transpose=transpose):
-            tensor = weights.read(name)
-            return np.ascontiguousarray(tensor.T if transpose else tensor)
 
-        readers[our_path] = read
-    return config, readers
+def open_hf_t5_encoder(path: str | os.PathLike
+                       ) -> tuple[T5Config, dict[tuple[str, ...], Callable[[], np.ndarray]]]:
+    """(T5Config, parameter path -> a function reading that whole float32 array) of a Hugging
+    Face T5 folder, without reading any array (checked as `hf_t5_encoder_arrays` does)."""
+    config, arrays = hf_t5_encoder_arrays(path)
+    return config, {our_path: (lambda array=array: np.ascontiguousarray(array.read()))
+                    for our_path, array in traverse_util.flatten_dict(arrays).items()}
 
 
 def load_hf_t5_encoder(path) -> tuple[T5Config, dict]:

@@ -6,7 +6,10 @@ T5, a folder with a `checkpoint` file (or that file itself) as T5X. A plain T5 e
 into every encoder tower (ADE and ADE-SPL start with two copies) and the projection starts
 from random init, as in the paper; a t5x_retrieval dual encoder, or a samtone checkpoint with
 a trained projection, also brings its projection. The result is a partial parameter tree for
-`samtone.train_step.init_train_state(init_params=...)`.
+`samtone.train_step.init_train_state(init_params=...)`. The leaves of a Hugging Face or T5X
+checkpoint are not read here: they are `samtone.checkpoints.lazy.LazyArray`s, which
+init_train_state reads slice by slice, each process only the shards its devices hold (a host
+never holds the whole encoder).
 """
 from __future__ import annotations
 
@@ -45,16 +48,17 @@ def checkpoint_kind(path: str | os.PathLike) -> str:
 
 
 def load_encoder_params(path: str | os.PathLike, model: dual_encoder.DualEncoder) -> dict:
-    """Pre-trained weights for `model`'s towers from a samtone, Hugging Face or T5X checkpoint."""
+    """Pre-trained weights for `model`'s towers from a samtone, Hugging Face or T5X checkpoint
+    (Hugging Face and T5X arrays lazy: read when init_train_state places them)."""
     path = os.fspath(path)
     kind = checkpoint_kind(path)
     if kind == "samtone":
         return _samtone_params(path, model)
     if kind == "hf":
-        config, encoder = hf.load_hf_t5_encoder(path)
+        config, encoder = hf.hf_t5_encoder_arrays(path)
         _check_same_shape(config, model.config, path)
         return dual_encoder.tower_params(encoder, model.architecture)
-    t5x_params = t5x.load_t5x_checkpoint(path)
+    t5x_params = t5x.open_t5x_checkpoint(path)
     if "projection_layer" in t5x_params.get("params", t5x_params):
         return t5x.t5x_dual_encoder_to_samtone(t5x_params, model.architecture)
     return dual_encoder.tower_params(t5x.t5x_encoder_to_samtone(t5x_params), model.architecture)

@@ -11,15 +11,18 @@ On disk a T5X checkpoint directory (`checkpoint_<step>/`) holds:
   * one `target.<dotted param path>` zarr folder per large parameter (gzip chunks).
 
 `load_t5x_checkpoint` returns the `target` tree as stored, with t5x names;
-`open_t5x_checkpoint` the same tree without reading the zarr folders (their leaves are
-`StoredArray`s, each read on its own, so a converter holds one array at a time). The converters
-below map it onto samtone's T5Encoder / DualEncoder trees. Only unscanned checkpoints
-(`layers_0`, `layers_1`, ...) are supported; the optimizer state is read but dropped.
+`open_t5x_checkpoint` the same tree without reading the zarr folders: their leaves are
+`StoredArray`s (`samtone.checkpoints.lazy.LazyArray`s), each read on its own or by slice, so a
+converter holds one array at a time and a process placing them on a mesh reads only the chunks
+its devices' shards touch. The converters below map either tree onto samtone's T5Encoder /
+DualEncoder trees. Only unscanned checkpoints (`layers_0`, `layers_1`, ...) are supported; the
+optimizer state is read but dropped.
 """
 from __future__ import annotations
 
 import dataclasses
 import gzip
+import itertools
 import json
 import os
 import zlib
@@ -29,6 +32,7 @@ import flax.serialization
 import msgpack
 import numpy as np
 
+from samtone.checkpoints import lazy
 from samtone.errors import CheckpointError, MissingFileError
 from samtone.models import dual_encoder
 
@@ -56,31 +60,39 @@ def load_t5x_checkpoint(path: str | os.PathLike) -> dict:
     return tree
 
 
-@dataclasses.dataclass(frozen=True)
-class StoredArray:
-    """A parameter kept in its own zarr folder of a T5X checkpoint, read when asked."""
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
+class StoredArray(lazy.LazyArray):
+    """A parameter kept in its own zarr folder of a T5X checkpoint, read (or sliced) when asked."""
 
     where: str  # "target/encoder/layers_0/mlp/wi/kernel"
     folder: str
-    shape: tuple[int, ...] | None  # as the msgpack spec records it
+    shape: tuple[int, ...] | None  # as the msgpack spec (else the folder's .zarray) records it
     checkpoint_file: str
+    dtype: np.dtype | None = None
 
-    def read(self) -> np.ndarray:
-        """The array (tensorstore if installed, else numpy), its shape checked."""
+    def read(self, index: tuple[slice, ...] | None = None) -> np.ndarray:
+        """The array, or its slice `index`: tensorstore if installed (only the chunks the
+        slice touches), else numpy; the stored shape is checked against the spec's."""
+        if self.shape is None:  # the spec recorded none and the folder's .zarray is unreadable
+            return self._read(None)
+        return super().read(index)
+
+    def _read(self, index: lazy.Index | None) -> np.ndarray:
         try:
             import tensorstore  # pylint: disable=import-outside-toplevel
         except ImportError:
             tensorstore = None
         try:
             if tensorstore is None:
-                array = read_zarr_v2(self.folder)
-            else:
-                array = np.asarray(tensorstore.open(_zarr_spec(self.folder), open=True,
-                                                    read=True).result().read().result())
+                self.check(tuple(_zarr_metadata(self.folder)["shape"]))
+                return read_zarr_v2(self.folder, index)
+            store = tensorstore.open(_zarr_spec(self.folder), open=True, read=True).result()
+            self.check(tuple(store.shape))
+            return np.asarray(store[index or ()].read().result())
+        except CheckpointError:
+            raise
         except Exception as error:  # pylint: disable=broad-except  (tensorstore, OS, zlib)
             raise self.error(error) from error
-        self.check(array)
-        return array
 
     def error(self, error: Exception) -> CheckpointError:
         if not os.path.isdir(self.folder):
@@ -89,17 +101,17 @@ class StoredArray:
         return CheckpointError(f"{self.checkpoint_file}: cannot read {self.where} from "
                                f"{self.folder} (truncated or damaged?): {error}")
 
-    def check(self, array: np.ndarray) -> None:
-        if self.shape is not None and self.shape != array.shape:
+    def check(self, stored_shape: tuple[int, ...]) -> None:
+        if self.shape is not None and self.shape != stored_shape:
             raise CheckpointError(f"{self.checkpoint_file}: {self.where} should have shape "
-                                  f"{self.shape}, but {self.folder} holds {array.shape}")
+                                  f"{self.shape}, but {self.folder} holds {stored_shape}")
 
 
 def open_t5x_checkpoint(path: str | os.PathLike) -> dict:
     """The `optimizer/target` tree of a T5X checkpoint without reading its zarr folders.
 
     Leaves are numpy arrays (those stored inline in the msgpack file) or `StoredArray`s,
-    each read on its own with `.read()`: a converter holds one array at a time.
+    each read on its own with `.read()`, or a slice of it with `.read(index)`.
     """
     checkpoint_file, checkpoint_dir = _locate(os.fspath(path))
     with open(checkpoint_file, "rb") as f:
@@ -168,9 +180,15 @@ def _walk(target: dict, checkpoint_dir: str, checkpoint_file: str) -> dict:
             except KeyError:
                 raise CheckpointError(f"{checkpoint_file}: {where} is a tensorstore spec "
                                       f"without a path: {node}") from None
-            shape = node.get("metadata", {}).get("shape")
+            metadata = node.get("metadata") or {}
+            if "shape" not in metadata or "dtype" not in metadata:
+                try:
+                    metadata = {**_zarr_metadata(folder), **metadata}
+                except (OSError, ValueError):
+                    pass  # a missing or damaged folder is reported when it is read
+            shape, dtype = metadata.get("shape"), metadata.get("dtype")
             return StoredArray(where, folder, None if shape is None else tuple(shape),
-                               checkpoint_file)
+                               checkpoint_file, None if dtype is None else _numpy_dtype(dtype))
         if isinstance(node, dict):
             return {str(name): walk(child, key + (str(name),)) for name, child in node.items()}
         if isinstance(node, msgpack.ExtType):
@@ -221,22 +239,31 @@ def _read_all(stored: list[StoredArray]) -> list[np.ndarray]:
             arrays.append(np.asarray(future.result()))
         except Exception as e:  # pylint: disable=broad-except
             raise leaf.error(e) from e
-        leaf.check(arrays[-1])
+        leaf.check(arrays[-1].shape)
     return arrays
 
 
-def read_zarr_v2(folder: str) -> np.ndarray:
-    """A zarr v2 array (C order, gzip/zlib/no compression) read with numpy alone.
-
-    The fallback when tensorstore is not installed. Edge chunks are stored full-size, so
-    each chunk is decoded whole and cropped to the array's bounds; missing chunks hold the
-    fill value.
-    """
+def _zarr_metadata(folder: str) -> dict:
     with open(os.path.join(folder, ".zarray")) as f:
-        meta = json.load(f)
+        return json.load(f)
+
+
+def _numpy_dtype(name: str) -> np.dtype:
+    return _bfloat16() if name == "bfloat16" else np.dtype(name)
+
+
+def read_zarr_v2(folder: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
+    """A zarr v2 array (C order, gzip/zlib/no compression), or its slice `index`, read with
+    numpy alone.
+
+    The fallback when tensorstore is not installed. Only the chunks the slice touches are
+    read; edge chunks are stored full-size, so each is decoded whole and cropped. Missing
+    chunks hold the fill value.
+    """
+    meta = _zarr_metadata(folder)
     if meta.get("order", "C") != "C" or meta.get("filters"):
         raise ValueError(f"{folder}: only C-order zarr arrays without filters are supported")
-    dtype = _bfloat16() if meta["dtype"] == "bfloat16" else np.dtype(meta["dtype"])
+    dtype = _numpy_dtype(meta["dtype"])
     shape, chunks = tuple(meta["shape"]), tuple(meta["chunks"])
     compressor = (meta.get("compressor") or {}).get("id")
     decompress = {"gzip": gzip.decompress, "zlib": zlib.decompress, None: bytes}.get(compressor)
@@ -244,17 +271,26 @@ def read_zarr_v2(folder: str) -> np.ndarray:
         raise ValueError(f"{folder}: unsupported zarr compressor {compressor!r}")
     separator = meta.get("dimension_separator", ".")
     fill = meta.get("fill_value")
-    array = np.full(shape, 0 if fill is None else fill, dtype=dtype)
-    grid = [range(-(-size // chunk)) for size, chunk in zip(shape, chunks)]
-    for index in np.ndindex(*[len(axis) for axis in grid]) if shape else [()]:
-        name = separator.join(map(str, index)) if shape else "0"
+    wanted = lazy.bounded(index, shape)
+    array = np.full([axis.stop - axis.start for axis in wanted], 0 if fill is None else fill,
+                    dtype=dtype)
+    grid = [range(axis.start // chunk, -(-axis.stop // chunk))
+            for axis, chunk in zip(wanted, chunks)]
+    for chunk_index in itertools.product(*grid):
+        name = separator.join(map(str, chunk_index)) if shape else "0"
         chunk_path = os.path.join(folder, name)
         if not os.path.exists(chunk_path):
             continue
         with open(chunk_path, "rb") as f:
             block = np.frombuffer(decompress(f.read()), dtype=dtype).reshape(chunks)
-        region = tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(index, chunks, shape))
-        array[region] = block[tuple(slice(0, r.stop - r.start) for r in region)]
+        # The part of this chunk inside `wanted`, in the array's, the block's and the output's
+        # coordinates.
+        overlap = [slice(max(i * c, axis.start), min((i + 1) * c, axis.stop))
+                   for i, c, axis in zip(chunk_index, chunks, wanted)]
+        array[tuple(slice(o.start - axis.start, o.stop - axis.start)
+                    for o, axis in zip(overlap, wanted))] = block[
+            tuple(slice(o.start - i * c, o.stop - i * c)
+                  for o, i, c in zip(overlap, chunk_index, chunks))]
     return array
 
 

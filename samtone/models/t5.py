@@ -339,9 +339,10 @@ class T5Encoder(nn.Module):
 
 
 def _stack(arrays):
-    if all(isinstance(a, np.ndarray) for a in arrays):
-        return np.stack(arrays)
-    return jnp.stack(arrays)
+    if any(isinstance(a, jax.Array) for a in arrays):
+        return jnp.stack(arrays)
+    # numpy, or checkpoint arrays not read yet (samtone.checkpoints.lazy: they stack lazily)
+    return np.stack(arrays)
 
 
 def stack_layer_params(params, num_layers: int):
