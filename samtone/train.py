@@ -169,12 +169,15 @@ def train(
                 local_rows=rows)
         example_batch = _example_global_batch(iterator, global_batch_size)
         train_step_lib.check_packed_microbatches(example_batch, microbatches)  # before compiling
+        # One trace of the model's init serves the optimiser, the shardings and the state.
+        boxed_params = train_step_lib.abstract_params(model, example_batch, mesh, rules,
+                                                      seed=seed)
         optimizer = _make_optimizer(optimizer_factory, num_train_steps,
-                                    train_step_lib.param_logical_specs(
-                                        model, example_batch, mesh, rules, seed=seed))
+                                    partitioning.logical_specs(boxed_params))
         if saved_steps:  # the checkpoint's own tree: another optimiser, or no model.json
             shapes, state_shardings = train_step_lib.train_state_shardings(
-                model, optimizer, example_batch, mesh, rules, seed=seed)
+                model, optimizer, example_batch, mesh, rules, seed=seed,
+                boxed_params=boxed_params)
             target = checkpoint_lib.abstract_state(shapes, state_shardings)
             checkpoint_lib.check_fits(run.checkpoints, saved_steps[-1], target)
         # Shardings depend on each array's rank only, so they serve every bucket's shapes.
@@ -199,7 +202,7 @@ def train(
             if init_checkpoint:
                 pretrained.checkpoint_kind(init_checkpoint)  # a wrong path fails at once
             state, state_shardings = _fresh_state(model, optimizer, example_batch, mesh, rules,
-                                                  seed, init_checkpoint)
+                                                  seed, init_checkpoint, boxed_params)
             if jax.process_index() == 0:
                 run.root.mkdir(parents=True, exist_ok=True)
                 lock.acquire()
@@ -499,14 +502,16 @@ def _resumed_state(manager, target, iterator):
     return state
 
 
-def _fresh_state(model, optimizer, example_batch, mesh, rules, seed, init_checkpoint):
+def _fresh_state(model, optimizer, example_batch, mesh, rules, seed, init_checkpoint,
+                 boxed_params):
     """`init_checkpoint`'s encoders (projection random) or random initialisation."""
     init_params = None
     if init_checkpoint:
         init_params = pretrained.load_encoder_params(init_checkpoint, model)
         logging.info("encoders initialised from %s", init_checkpoint)
     return train_step_lib.init_train_state(model, optimizer, example_batch, mesh, rules,
-                                           seed=seed, init_params=init_params)
+                                           seed=seed, init_params=init_params,
+                                           boxed_params=boxed_params)
 
 
 def _agreed_latest_step(manager) -> int | None:

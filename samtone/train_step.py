@@ -68,19 +68,28 @@ def _init_fn(model: nn.Module, example_batch: dict, seed: int, mesh: Mesh, rules
     return partitioning.params_initializer(model, mesh, rules, shapes, _seed_keys(seed)[0])
 
 
+def abstract_params(model: nn.Module, example_batch: dict, mesh: Mesh, rules, *,
+                    seed: int = 0) -> Any:
+    """The boxed parameters as ShapeDtypeStructs (logical axes kept), allocating nothing: one
+    trace of the model's init, which the functions below take instead of tracing again."""
+    return jax.eval_shape(_init_fn(model, example_batch, seed, mesh, rules))
+
+
 def param_logical_specs(model: nn.Module, example_batch: dict, mesh: Mesh, rules, *,
                         seed: int = 0) -> Any:
     """The parameters' logical PartitionSpecs (what `make_optimizer(logical_axes=)` takes),
     allocating nothing."""
-    return partitioning.logical_specs(jax.eval_shape(
-        _init_fn(model, example_batch, seed, mesh, rules)))
+    return partitioning.logical_specs(abstract_params(model, example_batch, mesh, rules,
+                                                      seed=seed))
 
 
 def train_state_shardings(model: nn.Module, optimizer: optax.GradientTransformation,
-                          example_batch: dict, mesh: Mesh, rules, *, seed: int = 0
-                          ) -> tuple[TrainState, TrainState]:
-    """(TrainState of ShapeDtypeStructs, TrainState of NamedShardings), allocating nothing."""
-    boxed = jax.eval_shape(_init_fn(model, example_batch, seed, mesh, rules))
+                          example_batch: dict, mesh: Mesh, rules, *, seed: int = 0,
+                          boxed_params: Any = None) -> tuple[TrainState, TrainState]:
+    """(TrainState of ShapeDtypeStructs, TrainState of NamedShardings), allocating nothing.
+    `boxed_params`: `abstract_params(...)` of the same arguments, if already traced."""
+    boxed = (boxed_params if boxed_params is not None
+             else abstract_params(model, example_batch, mesh, rules, seed=seed))
     param_specs = partitioning.logical_specs(boxed)
     params = nn.unbox(boxed)
     optimizers.check_logical_axes(optimizer, param_specs)  # Adafactor: per-layer statistics
@@ -97,7 +106,8 @@ def train_state_shardings(model: nn.Module, optimizer: optax.GradientTransformat
 
 def init_train_state(model: nn.Module, optimizer: optax.GradientTransformation,
                      example_batch: dict, mesh: Mesh, rules, *, seed: int = 0,
-                     init_params: Any = None) -> tuple[TrainState, TrainState]:
+                     init_params: Any = None, boxed_params: Any = None
+                     ) -> tuple[TrainState, TrainState]:
     """A fresh TrainState created directly in its shardings, and those shardings.
 
     Random initialisation runs under `jax.jit(out_shardings=...)`, so each device only ever
@@ -115,9 +125,10 @@ def init_train_state(model: nn.Module, optimizer: optax.GradientTransformation,
       example_batch: a batch (arrays or ShapeDtypeStructs) with the global shapes.
       mesh, rules: the device mesh and logical axis rules.
       seed: seeds the parameters and the dropout key.
+      boxed_params: `abstract_params(...)` of the same arguments, if already traced.
     """
     abstract, shardings = train_state_shardings(model, optimizer, example_batch, mesh, rules,
-                                                seed=seed)
+                                                seed=seed, boxed_params=boxed_params)
     init = _init_fn(model, example_batch, seed, mesh, rules)
     _, dropout_rng = _seed_keys(seed)
     if init_params is None:

@@ -2,6 +2,7 @@
 time as well as by steps."""
 import pytest
 
+from samtone import train_step as train_step_lib
 from samtone.checkpoints import manager as checkpoint_lib
 from samtone.errors import ConfigError
 from samtone.models import dual_encoder, t5
@@ -42,10 +43,15 @@ def _model():
 
 
 @pytest.mark.slow
-def test_checkpoints_by_time_are_written_at_log_steps(tmp_path):
+def test_checkpoints_by_time_are_written_at_log_steps(tmp_path, monkeypatch):
     """every_minutes due at each check: a checkpoint at each log step (2, 4) although
-    every_steps is far away (without it only the final step 6 would be saved)."""
+    every_steps is far away (without it only the final step 6 would be saved). The model's
+    init is built twice: one abstract trace (optimiser, shardings) and the real init."""
+    init_fn, built = train_step_lib._init_fn, []
+    monkeypatch.setattr(train_step_lib, "_init_fn",
+                        lambda *args: built.append(1) or init_fn(*args))
     timed = train_in_process(tmp_path / "timed", model=_model(), steps=6, log_every=2,
                              checkpoints={"every_steps": 1000, "every_minutes": 1e-9})
     assert timed.step == 6
+    assert len(built) == 2
     assert checkpoint_lib.checkpoint_steps(tmp_path / "timed" / "checkpoints") == [2, 4, 6]
