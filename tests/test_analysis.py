@@ -16,6 +16,7 @@ from samtone.analysis import statistics
 from samtone import inference
 from samtone.data import smoke_path
 from tiny_runs import REPO, train_tiny_run
+from compile_flags import FAST_COMPILE
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -260,7 +261,7 @@ def test_command_line_compares_two_runs(run, tmp_path):
          f"--compare={other}", "--step=1", f"--data={tmp_path / 'pairs.jsonl'}",
          f"--output={tmp_path / 'out'}", "--batch_size=16", "--max_points=50"],
         cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
-        env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
+        env={**os.environ, "XLA_FLAGS": FAST_COMPILE, "JAX_PLATFORMS": "cpu"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "alignment" in result.stdout and "similarities.png" in result.stdout
     assert "samtone" in result.stdout.splitlines()[0] and "softmax" in result.stdout
@@ -297,7 +298,7 @@ def test_command_line_refuses_too_few_pairs_before_loading_a_model(tmp_path):
         [sys.executable, "-m", "samtone.cli.analyze", f"--model_dir={tmp_path / 'no_run'}",
          f"--data={tmp_path / 'one.jsonl'}", f"--output={tmp_path / 'out'}"],
         cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
-        env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
+        env={**os.environ, "XLA_FLAGS": FAST_COMPILE, "JAX_PLATFORMS": "cpu"})
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
     assert "needs at least 2 pairs" in result.stderr

@@ -24,8 +24,9 @@ def _command(name):
     return [str(script)] if script.exists() else [sys.executable, "-m", f"samtone.cli.{module}"]
 
 
-def _run(cwd, name, *args, timeout=600):
-    return run_argv([*_command(name), *args], cwd=cwd, timeout=timeout)
+def _run(cwd, name, *args, timeout=600, fast_compile=True):
+    return run_argv([*_command(name), *args], cwd=cwd, timeout=timeout,
+                    fast_compile=fast_compile)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -36,7 +37,8 @@ def _run(cwd, name, *args, timeout=600):
 def smoke(tmp_path_factory):
     """`samtone-train --gin_file=configs/smoke.gin` in an empty folder: MODEL_DIR runs/smoke."""
     folder = tmp_path_factory.mktemp("user")
-    result = _run(folder, "samtone-train", "--gin_file=configs/smoke.gin")
+    # As a user runs it (400 steps: XLA's default code generation pays for itself).
+    result = _run(folder, "samtone-train", "--gin_file=configs/smoke.gin", fast_compile=False)
     return folder, result
 
 

@@ -20,6 +20,7 @@ from samtone.data.files import Example
 from samtone.data import retrieval
 from samtone.errors import ConfigError
 from tiny_runs import REPO, train_tiny_run
+from compile_flags import FAST_COMPILE
 
 pytrec_eval = pytest.importorskip("pytrec_eval")
 
@@ -196,7 +197,7 @@ def make_smoke_beir(folder, count=40):
 
 
 def _run(*args):
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE, "JAX_PLATFORMS": "cpu"}
     return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=300, check=False, env=env)
 

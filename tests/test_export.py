@@ -22,6 +22,7 @@ from samtone.export import stablehlo
 from samtone.data import smoke_path
 from samtone.data.tokenizer import Tokenizer
 from samtone.models import dual_encoder, t5
+from compile_flags import FAST_COMPILE
 from tiny_runs import (PASSAGE_LENGTH, QUERY_LENGTH, run_command, smoke_model,
                             smoke_texts, train_tiny_run)
 
@@ -137,7 +138,7 @@ def test_a_server_needs_only_jax(export_dir, tmp_path):
     result = subprocess.run(
         [sys.executable, "-c", _SERVER, str(export_dir), str(tmp_path / "tokens.npy"),
          str(tmp_path / "out.npy")], capture_output=True, text=True, timeout=120, check=False,
-        env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}, cwd=tmp_path)
+        env={**os.environ, "XLA_FLAGS": FAST_COMPILE, "JAX_PLATFORMS": "cpu"}, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     np.testing.assert_allclose(
         np.load(tmp_path / "out.npy"),

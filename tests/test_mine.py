@@ -11,6 +11,7 @@ import pytest
 from samtone import inference, mine
 from samtone.data import files, pipeline, smoke_path
 from samtone.data.tokenizer import Tokenizer
+from compile_flags import FAST_COMPILE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -173,7 +174,7 @@ def test_read_corpus_formats(tmp_path):
 
 def _run(*args):
     # One CPU device: compiles twice as fast as 8; the sharded paths have their own tests.
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE, "JAX_PLATFORMS": "cpu"}
     result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
                             timeout=300, check=False, env=env)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from samtone.checkpoints.manager import read_checkpoint
+from compile_flags import with_devices
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 _CONFIG = "configs/smoke.gin"
@@ -33,7 +34,7 @@ def _free_port() -> int:
 def _env(devices: int) -> dict:
     env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", PYTHON=sys.executable, PORT=str(_free_port()),
-               DEVICES=str(devices), XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               DEVICES=str(devices), XLA_FLAGS=with_devices(devices),
                PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     return env
 

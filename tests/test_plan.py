@@ -14,6 +14,7 @@ import pytest
 from samtone import losses, optimizers, partitioning, plan
 from samtone import train_step as train_step_lib
 from samtone.models import dual_encoder, t5
+from compile_flags import FAST_COMPILE
 
 BATCH, QUERY_LENGTH, PASSAGE_LENGTH = 8, 8, 16
 LOSS_FN = train_step_lib.make_loss_fn(losses.samtone_loss)
@@ -113,7 +114,7 @@ def test_remat_and_microbatches_count_their_recomputation():
 
 @pytest.mark.slow
 def test_command_line_json(tmp_path):
-    env = {**os.environ, "XLA_FLAGS": ""}
+    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE}
     result = subprocess.run(
         [sys.executable, "-m", "samtone.cli.plan", "--gin_file=configs/smoke.gin", "--devices=4",
          "--device_memory_gib=0.001", "--json", "--gin.BATCH_SIZE=8", "--gin.QUERY_LENGTH=8",

@@ -22,6 +22,7 @@ from samtone.models import dual_encoder, t5
 
 pytest.importorskip("tensorstore")
 import tiny_checkpoints  # noqa: E402  (needs tensorstore)
+from compile_flags import with_devices  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = t5.t5_1_1_config("tiny", dropout_rate=0.0)
@@ -228,7 +229,7 @@ def test_each_of_two_processes_reads_only_its_half(checkpoints, tmp_path):
     sources = [["hf", str(checkpoints["hf"][0]), "sde", False],
                ["t5x", str(checkpoints["t5x"][0]), "ade", True]]
     env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=with_devices(2),
                PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     port = str(_free_port())
     processes = [subprocess.Popen(

@@ -25,6 +25,7 @@ from samtone.errors import CheckpointError, ConfigError, OutputExistsError
 from samtone.models import dual_encoder
 from samtone.models import t5
 from tiny_runs import REPO, run_command, train_in_process, train_tiny_run
+from compile_flags import FAST_COMPILE
 
 
 def _digest(folder) -> dict[str, str]:
@@ -209,7 +210,7 @@ def test_outputs_never_replace_or_hold_an_input_or_a_runs_state(base_run, tmp_pa
 @pytest.mark.slow
 def test_ctrl_c_checkpoints_the_current_step_and_exits_130(tmp_path):
     model_dir = tmp_path / "run"
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE, "JAX_PLATFORMS": "cpu"}
     env.pop("SAMTONE_TRACEBACK", None)
     process = subprocess.Popen(
         [sys.executable, "-m", "samtone.cli.train", "--gin_file=configs/smoke.gin",

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from samtone import partitioning, search
+from compile_flags import with_devices
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_PASSAGES = 37  # not a multiple of 8, 4 or 2: the last shard is padded
@@ -209,7 +210,7 @@ def test_two_processes_build_from_their_rows_and_agree(tmp_path):
     """Each of two processes (2 CPU devices each) sends only the rows of `local_row_ranges`."""
     port = _free_port()
     env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=with_devices(2),
                PYTHONPATH=f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}")
     workers = [subprocess.Popen([sys.executable, __file__, str(port), str(process), str(tmp_path)],
                                 cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -5,16 +5,19 @@ import sys
 
 from samtone.data import files, smoke_path
 from samtone.models import dual_encoder, t5
+from compile_flags import FAST_COMPILE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUERY_LENGTH, PASSAGE_LENGTH = 16, 32
 
 
-def run_argv(argv, *, cwd=REPO, timeout=300):
+def run_argv(argv, *, cwd=REPO, timeout=300, fast_compile=True):
     """Runs `argv` on one CPU device, as a user's laptop has (the sharded paths have their own
     tests), without SAMTONE_TRACEBACK, so user errors show as users see them; returns the
-    CompletedProcess (never raises on a failure status)."""
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    CompletedProcess (never raises on a failure status). `fast_compile=False` for a command
+    that runs long enough (hundreds of steps) that compiling fast no longer pays."""
+    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE if fast_compile else "",
+           "JAX_PLATFORMS": "cpu"}
     env.pop("SAMTONE_TRACEBACK", None)
     return subprocess.run(list(argv), cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           check=False, env=env)
