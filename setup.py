@@ -40,6 +40,7 @@ setuptools.setup(
         "safetensors>=0.4",
         "flatbuffers>=24.3",  # jax.export (de)serialisation
         "tqdm>=4.60",  # progress bars on long encoding and search
+        "array-record>=0.5,<0.9",  # samtone-prepare's shards, read by row
     ],
     extras_require={
         "test": [
@@ -82,6 +83,7 @@ setuptools.setup(
             "samtone-plan=samtone.cli.plan:console_entry",
             "samtone-eval=samtone.cli.eval:console_entry",
             "samtone-convert=samtone.cli.convert:console_entry",
+            "samtone-prepare=samtone.cli.prepare:console_entry",
         ]
     },
 )

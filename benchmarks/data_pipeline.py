@@ -6,6 +6,7 @@ and the command that produced the numbers. No model, no accelerator.
 
   python benchmarks/data_pipeline.py                       # 100k pairs, batch 512, 64/256
   python benchmarks/data_pipeline.py --num_negatives 1
+  python benchmarks/data_pipeline.py --prepared            # also samtone-prepare, then by row
 """
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ import time
 
 import numpy as np
 
+from samtone.data import prepare
 from samtone.data.files import read_examples
 from samtone.data.pipeline import BatchIterator, tokenize_examples
+from samtone.data.prepared import PreparedExamples
 from samtone.data.tokenizer import Tokenizer, train_sentencepiece
 
 
@@ -67,6 +70,8 @@ def main(argv=None) -> None:
     parser.add_argument("--num_negatives", type=int, default=0)
     parser.add_argument("--vocab_size", type=int, default=2000)
     parser.add_argument("--num_batches", type=int, default=400, help="batches timed per mode")
+    parser.add_argument("--prepared", action="store_true", help="also time samtone-prepare "
+                        "and batching from the prepared folder (ArrayRecord, read by row)")
     args = parser.parse_args(argv)
 
     print("command:", shlex.join(["python"] + sys.argv))
@@ -95,8 +100,19 @@ def main(argv=None) -> None:
               f"{table_mb:.0f} MB of token arrays)")
         print(f"read + tokenise: {n / (read_s + tokenize_s):,.0f} examples/s")
 
-        for prefetch in (0, 2):
-            iterator, setup_s = timed(BatchIterator, data, global_batch_size=args.global_batch_size,
+        sources = [("in memory", data)]
+        if args.prepared:
+            settings = prepare.Settings(args.query_length, args.passage_length,
+                                        args.num_negatives)
+            output = os.path.join(folder, "prepared")
+            _, prepare_s = timed(prepare.prepare, path, spm_path, output, settings, shards=8,
+                                 progress=False)
+            print(f"samtone-prepare: {n / prepare_s:10,.0f} examples/s  ({prepare_s:.2f} s on "
+                  f"{os.cpu_count()} processes, read + tokenise + write)")
+            sources.append(("prepared", PreparedExamples(output)))
+        for (name, source), prefetch in [(source, p) for source in sources for p in (0, 2)]:
+            iterator, setup_s = timed(BatchIterator, source,
+                                      global_batch_size=args.global_batch_size,
                                       prefetch=prefetch, process_index=0, process_count=1)
             next(iterator)  # start the prefetch thread, first permutation
             start = time.perf_counter()
@@ -105,7 +121,7 @@ def main(argv=None) -> None:
             seconds = time.perf_counter() - start
             iterator.close()
             shapes = {key: value.shape for key, value in batch.items()}
-            print(f"batching (prefetch={prefetch}): "
+            print(f"batching {name} (prefetch={prefetch}): "
                   f"{args.num_batches * args.global_batch_size / seconds:10,.0f} examples/s, "
                   f"{args.num_batches / seconds:,.0f} batches/s  (setup incl. fingerprint "
                   f"{setup_s:.2f} s; batch {shapes})")

@@ -3,7 +3,9 @@
 `make_batch_iterator` reads every example once and tokenises each distinct text once up
 front, keeping the token arrays in host memory: fine for fine-tuning sets of up to a few
 million pairs (100k pairs at query 64 / passage 256 take ~120 MB). After that a batch is
-only a gather from those arrays.
+only a gather from those arrays. Beyond that, `samtone-prepare` tokenises the data once into
+a folder that `make_batch_iterator` reads by row (samtone.data.prepared): the same batches,
+each process reading only the records of its own rows, nothing held per example.
 
 Order. Epoch e visits the examples in the order `np.random.default_rng([seed, e]).permutation(N)`
 (or 0..N-1 with `shuffle=False`), so the order depends only on (seed, epoch). Global batch b of
@@ -51,7 +53,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from samtone.data import packing
+from samtone.data import packing, prepared
 from samtone.data.files import (Example, PathOrPaths, expand_paths, read_examples,
                                 read_sentences)
 from samtone.errors import ConfigError, DataError
@@ -104,6 +106,14 @@ class TokenizedExamples:
     def __len__(self) -> int:
         return len(self.query_index)
 
+    @property
+    def query_length(self) -> int:
+        return self.query_table.shape[1]
+
+    @property
+    def passage_length(self) -> int:
+        return self.passage_table.shape[1]
+
     def fingerprint(self) -> str:
         """A hash of every array: equal fingerprints give equal batches."""
         digest = hashlib.blake2b(digest_size=16)
@@ -153,7 +163,7 @@ def _index_texts(texts: Iterable[str]) -> tuple[list[str], np.ndarray]:
     return list(rows), index
 
 
-def _check_negatives(examples: Sequence[Example], num_negatives: int) -> None:
+def check_negatives(examples: Sequence[Example], num_negatives: int) -> None:
     """Every example must have `num_negatives` hard negatives; the first that has not is named
     by its file and line (or its index, for examples made in code)."""
     for i, example in enumerate(examples):
@@ -173,23 +183,20 @@ def _check_negatives(examples: Sequence[Example], num_negatives: int) -> None:
         raise DataError(*example.source, "negatives", problem)
 
 
-def tokenize_examples(examples: Sequence[Example], tokenizer, *, query_length: int,
-                      passage_length: int, num_negatives: int = 0) -> TokenizedExamples:
-    """Tokenises each distinct query and passage/negative text once with `tokenizer.encode`."""
-    if not examples:
-        raise ValueError("no examples to batch")
-    _check_negatives(examples, num_negatives)
+def check_labels(examples: Sequence[Example]) -> bool:
+    """Whether the examples have labels: every one has or none has (else a ValueError)."""
     has_label = [example.label is not None for example in examples]
     if any(has_label) and not all(has_label):
         other = has_label.index(not has_label[0])
         raise ValueError(f"example 0 {'has' if has_label[0] else 'has no'} label but example "
                          f"{other} {'has none' if has_label[0] else 'has one'}: either every "
                          "example has a label or none does")
-    queries, query_index = _index_texts(e.query for e in examples)
-    passages, passage_index = _index_texts(
-        [e.passage for e in examples]
-        + [n for e in examples for n in e.negatives[:num_negatives]]
-    )
+    return has_label[0]
+
+
+def example_ids(examples: Sequence[Example],
+                num_negatives: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """int32 (query_ids [N], passage_ids [N], negative_ids [N, K]) (module docstring, Ids)."""
     n = len(examples)
     passage_keys = [e.passage if e.passage_id is None else e.passage_id for e in examples]
     passage_ids = _stable_ids(passage_keys)
@@ -200,16 +207,34 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, *, query_length: i
         id_of_text.setdefault(example.passage, int(passage_id))
     negative_texts = [t for e in examples for t in e.negatives[:num_negatives]]
     negative_ids = np.array([id_of_text.get(t, stable_id(t)) for t in negative_texts], np.int32)
+    query_ids = _stable_ids(e.query if e.query_id is None else e.query_id for e in examples)
+    return query_ids, passage_ids, negative_ids.reshape(n, num_negatives)
+
+
+def tokenize_examples(examples: Sequence[Example], tokenizer, *, query_length: int,
+                      passage_length: int, num_negatives: int = 0) -> TokenizedExamples:
+    """Tokenises each distinct query and passage/negative text once with `tokenizer.encode`."""
+    if not examples:
+        raise ValueError("no examples to batch")
+    check_negatives(examples, num_negatives)
+    has_labels = check_labels(examples)
+    queries, query_index = _index_texts(e.query for e in examples)
+    passages, passage_index = _index_texts(
+        [e.passage for e in examples]
+        + [n for e in examples for n in e.negatives[:num_negatives]]
+    )
+    n = len(examples)
+    query_ids, passage_ids, negative_ids = example_ids(examples, num_negatives)
     return TokenizedExamples(
         query_table=tokenizer.encode(queries, query_length),
         query_index=query_index,
         passage_table=tokenizer.encode(passages, passage_length),
         passage_index=passage_index[:n],
         negative_index=passage_index[n:].reshape(n, num_negatives),
-        query_ids=_stable_ids(e.query if e.query_id is None else e.query_id for e in examples),
+        query_ids=query_ids,
         passage_ids=passage_ids,
-        negative_ids=negative_ids.reshape(n, num_negatives),
-        labels=np.array([e.label for e in examples], np.float32) if has_label[0] else None,
+        negative_ids=negative_ids,
+        labels=np.array([e.label for e in examples], np.float32) if has_labels else None,
     )
 
 
@@ -220,7 +245,7 @@ Position = tuple[int, int]  # (epoch, batch_in_epoch)
 class _Schedule:
     """Which examples make up each position's batch for one process: pure, thread-safe."""
 
-    data: TokenizedExamples
+    data: TokenizedExamples | prepared.PreparedExamples
     global_batch_size: int
     seed: int
     shuffle: bool
@@ -354,7 +379,8 @@ class BatchIterator:
     batch size and `global_batches` is True.
     """
 
-    def __init__(self, data: TokenizedExamples, *, global_batch_size: int, seed: int = 0,
+    def __init__(self, data: TokenizedExamples | prepared.PreparedExamples, *,
+                 global_batch_size: int, seed: int = 0,
                  shuffle: bool = True, num_epochs: int | None = None, process_index: int = 0,
                  process_count: int = 1, prefetch: int = 2,
                  local_rows: Sequence[int] | None = None,
@@ -385,8 +411,8 @@ class BatchIterator:
             raise ValueError(f"num_epochs must be None (forever) or >= 0, got {num_epochs}")
         self._schedule = _Schedule(
             data, global_batch_size, int(seed), bool(shuffle), num_epochs, local_rows,
-            query_buckets=packing.bucket_lengths(length_buckets, data.query_table.shape[1]),
-            passage_buckets=packing.bucket_lengths(length_buckets, data.passage_table.shape[1]),
+            query_buckets=packing.bucket_lengths(length_buckets, data.query_length),
+            passage_buckets=packing.bucket_lengths(length_buckets, data.passage_length),
             pack=bool(pack))
         self._fingerprint = data.fingerprint()
         self._prefetch = prefetch
@@ -478,6 +504,15 @@ def _check_batch_fits(num_examples: int, global_batch_size: int,
             f"{num_examples})")
 
 
+def _prepared_folder(data: PathOrPaths | list[Example]) -> str | None:
+    """The prepared folder (samtone.data.prepared) `data` names alone, if it names one."""
+    if isinstance(data, list) and len(data) == 1 and isinstance(data[0], (str, os.PathLike)):
+        data = data[0]
+    if isinstance(data, (str, os.PathLike)) and prepared.looks_prepared(data):
+        return os.fspath(data)
+    return None
+
+
 def make_batch_iterator(data: PathOrPaths | Sequence[Example], *, tokenizer,
                         global_batch_size: int, query_length: int = 64,
                         passage_length: int = 256, num_negatives: int = 0, seed: int = 0,
@@ -490,8 +525,10 @@ def make_batch_iterator(data: PathOrPaths | Sequence[Example], *, tokenizer,
     """Batches of tokenised pairs for this process; see the module docstring for the guarantees.
 
     Args:
-      data: paths/globs for `read_examples` (or `read_sentences` with simcse=True), or a
-        sequence of `Example`s already read.
+      data: paths/globs for `read_examples` (or `read_sentences` with simcse=True), a
+        sequence of `Example`s already read, or a folder written by samtone-prepare
+        (samtone.data.prepared: read by row, nothing held per example; its lengths,
+        num_negatives and vocabulary must be these).
       tokenizer: a `samtone.data.tokenizer.Tokenizer`, or the path of its SentencePiece model.
       global_batch_size: examples per step summed over all processes; more than the data
         holds is a ConfigError.
@@ -524,6 +561,19 @@ def make_batch_iterator(data: PathOrPaths | Sequence[Example], *, tokenizer,
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     data = data if isinstance(data, (str, os.PathLike)) else list(data)
+    folder = _prepared_folder(data)
+    if folder is not None:
+        if simcse:
+            raise ConfigError(f"{folder} is a prepared folder (samtone-prepare) of pairs; "
+                              "simcse=True needs sentence files")
+        examples = prepared.open_prepared(folder, tokenizer=tokenizer, query_length=query_length,
+                                          passage_length=passage_length,
+                                          num_negatives=num_negatives)
+        _check_batch_fits(len(examples), global_batch_size, data)
+        return BatchIterator(examples, global_batch_size=global_batch_size, seed=seed,
+                             shuffle=shuffle, num_epochs=num_epochs, process_index=process_index,
+                             process_count=process_count, prefetch=prefetch,
+                             local_rows=local_rows, length_buckets=length_buckets, pack=pack)
     if isinstance(data, list) and data and all(isinstance(e, Example) for e in data):
         examples = data
     elif simcse:

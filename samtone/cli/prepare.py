@@ -1,0 +1,74 @@
+"""`samtone-prepare`: tokenise training files once into a prepared folder for samtone-train.
+
+    samtone-prepare --data=pairs.jsonl --vocabulary=spiece.model --output=prepared/pairs \
+        [--query_length=64] [--passage_length=256] [--num_negatives=K] [--shards=N] \
+        [--workers=N] [--on_bad_line=error|skip] [--overwrite]
+
+Reads what TRAIN_DATA reads (JSONL, TSV, BEIR folders, globs), validates it the same way and
+writes ArrayRecord shards of tokenised examples, lengths.npy and prepared.json
+(samtone.data.prepared). Then `samtone-train ... --gin.TRAIN_DATA="'prepared/pairs'"`: each
+host reads only its rows. The settings must be the run's (lengths, num_negatives, VOCABULARY).
+An existing --output is replaced only with --overwrite; the folder appears whole or not at all.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from absl import flags
+
+from samtone import output_folder
+from samtone.cli import common
+from samtone.data import prepare
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    flags.DEFINE_list("data", None, "Training pairs: JSONL/TSV files, BEIR folders, globs "
+                      "(what TRAIN_DATA reads).", required=True)
+    flags.DEFINE_string("vocabulary", None, "SentencePiece model: the run's VOCABULARY.",
+                        required=True)
+    flags.DEFINE_string("output", None, "Folder to write (local path).", required=True)
+    flags.DEFINE_integer("query_length", 64, "Query tokens, EOS included (the run's "
+                         "make_batch_iterator.query_length).")
+    flags.DEFINE_integer("passage_length", 256, "Passage tokens, EOS included (the run's "
+                         "make_batch_iterator.passage_length).")
+    flags.DEFINE_integer("num_negatives", 0, "Hard negatives kept per example (the run's "
+                         "make_batch_iterator.num_negatives).", lower_bound=0)
+    flags.DEFINE_integer("shards", 1, "ArrayRecord files to split the examples into.",
+                         lower_bound=1)
+    flags.DEFINE_integer("workers", None, "Tokenising processes (default: the CPU cores).",
+                         lower_bound=1)
+    flags.DEFINE_enum("on_bad_line", "error", ["error", "skip"], "A bad line stops with its "
+                      "file:line (error) or is skipped and counted (skip).")
+    flags.DEFINE_string("split", "train", "qrels/<split>.tsv read from BEIR folders.")
+    flags.DEFINE_bool("overwrite", False, "Replace --output if it exists and is not empty.")
+
+
+def main(argv: Sequence[str]) -> None:
+    del argv
+    data, output = common.absolute_paths(FLAGS.data), common.absolute_path(FLAGS.output)
+    vocabulary = common.absolute_path(FLAGS.vocabulary)
+    output_folder.check_inputs_exist([("--data", data), ("--vocabulary", vocabulary)])
+    output_folder.check_target(output, FLAGS.overwrite, flag="--output")
+    settings = prepare.Settings(query_length=FLAGS.query_length,
+                                passage_length=FLAGS.passage_length,
+                                num_negatives=FLAGS.num_negatives)
+    manifest = prepare.prepare(data, vocabulary, output, settings, shards=FLAGS.shards,
+                               workers=FLAGS.workers, on_bad_line=FLAGS.on_bad_line,
+                               split=FLAGS.split, overwrite=FLAGS.overwrite)
+    skipped = manifest["skipped_lines"]
+    print(f"samtone-prepare: {manifest['num_examples']} examples in "
+          f"{len(manifest['shards'])} shards" + (f" ({skipped} bad lines skipped)"
+                                                 if skipped else "")
+          + f"\nwritten to: {output}\nnext: samtone-train ... --gin.TRAIN_DATA=\"'{output}'\" "
+          f"--gin.VOCABULARY=\"'{vocabulary}'\"", flush=True)
+
+
+def console_entry() -> None:
+    define_flags()
+    common.run(main)
+
+
+if __name__ == "__main__":
+    console_entry()

@@ -1,0 +1,185 @@
+"""Writes a prepared folder (samtone.data.prepared) from training files: `samtone-prepare`.
+
+The files are read and validated as `make_batch_iterator` reads them (samtone.data.files:
+file:line errors, on_bad_line), the ids computed as samtone.data.pipeline computes them, and
+each text tokenised with the same truncation and EOS, in worker processes over chunks of
+examples whose results are written in the examples' order. Everything goes to a temporary
+sibling folder renamed into place at the end (samtone.output_folder.write_atomically), with
+prepared.json written last.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+from typing import Iterator, Sequence
+
+import numpy as np
+import tqdm
+
+from samtone import output_folder
+from samtone.data import packing, prepared
+from samtone.data.files import PathOrPaths, ReadStats, expand_paths, read_examples
+from samtone.data.pipeline import check_labels, check_negatives, example_ids
+from samtone.data.tokenizer import Tokenizer
+from samtone.errors import ConfigError, DataError
+
+CHUNK_SIZE = 1024  # examples per task of a worker process, by default
+MAX_LENGTH = np.iinfo(np.uint16).max  # lengths.npy holds uint16
+
+# One example as a worker gets it: query, passage, negatives, ids, label.
+_Row = tuple[str, str, tuple[str, ...], int, int, list[int], float | None]
+_worker_tokenizer: list[Tokenizer] = []  # set once per worker process by _start_worker
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    query_length: int = 64
+    passage_length: int = 256
+    num_negatives: int = 0
+
+
+def _start_worker(vocabulary: str, num_threads: int) -> None:
+    _worker_tokenizer.append(Tokenizer(vocabulary, num_threads=num_threads))
+
+
+def _tokenize_chunk(rows: list[_Row], settings: Settings) -> tuple[list[bytes], np.ndarray]:
+    """(records, uint16 lengths [len(rows), 2]) of a chunk of examples."""
+    tokenizer = _worker_tokenizer[-1]
+    k = settings.num_negatives
+    queries = tokenizer.encode([row[0] for row in rows], settings.query_length)
+    passages = tokenizer.encode([row[1] for row in rows], settings.passage_length)
+    negatives = tokenizer.encode([text for row in rows for text in row[2]],
+                                 settings.passage_length)
+    negatives = negatives.reshape(len(rows), k, settings.passage_length)
+    records = [prepared.encode_record(queries[i], passages[i], negatives[i], row[3], row[4],
+                                      np.asarray(row[5]), row[6])
+               for i, row in enumerate(rows)]
+    passage_lengths = packing.text_lengths(passages)
+    if k:
+        passage_lengths = np.maximum(passage_lengths, packing.text_lengths(negatives).max(1))
+    lengths = np.stack([packing.text_lengths(queries), passage_lengths], axis=1)
+    return records, lengths.astype(np.uint16)
+
+
+def _tokenized_chunks(rows: Sequence[_Row], vocabulary: str, settings: Settings, workers: int,
+                      chunk_size: int) -> Iterator[tuple[list[bytes], np.ndarray]]:
+    """Each chunk's records and lengths, in order; over `workers` processes if more than 1."""
+    chunks = (list(rows[start:start + chunk_size]) for start in range(0, len(rows), chunk_size))
+    if workers <= 1:
+        _start_worker(vocabulary, -1)
+        try:
+            yield from (_tokenize_chunk(chunk, settings) for chunk in chunks)
+        finally:
+            _worker_tokenizer.pop()
+        return
+    # spawn: the workers start clean, whatever threads this process runs.
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(workers, initializer=_start_worker, initargs=(vocabulary, 1)) as pool:
+        yield from pool.imap(_Task(settings), chunks)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Task:
+    settings: Settings
+
+    def __call__(self, rows: list[_Row]) -> tuple[list[bytes], np.ndarray]:
+        return _tokenize_chunk(rows, self.settings)
+
+
+def _histogram(lengths: np.ndarray, maximum: int) -> dict[str, int]:
+    """Counts per default bucket length (samtone.data.packing): {"16": n, "32": n, ...}."""
+    buckets = packing.default_bucket_lengths(maximum)
+    counts = np.bincount(np.searchsorted(buckets, lengths), minlength=len(buckets))
+    return {str(bucket): int(count) for bucket, count in zip(buckets, counts)}
+
+
+def _check_settings(settings: Settings, shards: int) -> None:
+    for name in ("query_length", "passage_length"):
+        value = getattr(settings, name)
+        if not 1 <= value <= MAX_LENGTH:
+            raise ConfigError(f"--{name}={value}: must be in [1, {MAX_LENGTH}]")
+    if settings.num_negatives < 0:
+        raise ConfigError(f"--num_negatives={settings.num_negatives}: must be >= 0")
+    if shards < 1:
+        raise ConfigError(f"--shards={shards}: must be >= 1")
+
+
+def prepare(data: PathOrPaths, vocabulary: str, output: str, settings: Settings, *,
+            shards: int = 1, workers: int | None = None, on_bad_line: str = "error",
+            split: str = "train", overwrite: bool = False, progress: bool = True,
+            chunk_size: int = CHUNK_SIZE) -> dict:
+    """Reads, validates and tokenises `data` into the prepared folder `output`.
+
+    `workers` processes (default: the CPU cores) tokenise `chunk_size` examples at a time;
+    the folder is the same whatever their number. Returns the manifest written as
+    `output`/prepared.json. Refuses an existing non-empty `output` unless `overwrite`
+    (OutputExistsError), before reading anything.
+    """
+    _check_settings(settings, shards)
+    output_folder.check_target(output, overwrite, flag="--output")
+    tokenizer = Tokenizer(vocabulary)  # checks the model before the long read
+    stats = ReadStats()
+    examples = read_examples(data, on_bad_line=on_bad_line, split=split, stats=stats)
+    if not examples:
+        raise DataError(", ".join(expand_paths(data)), None, None, "holds no examples")
+    check_negatives(examples, settings.num_negatives)
+    has_labels = check_labels(examples)
+    query_ids, passage_ids, negative_ids = example_ids(examples, settings.num_negatives)
+    k = settings.num_negatives
+    rows = [(e.query, e.passage, e.negatives[:k], int(query_ids[i]), int(passage_ids[i]),
+             negative_ids[i].tolist(), e.label) for i, e in enumerate(examples)]
+    del examples
+    n, shards = len(rows), min(shards, len(rows))
+    bounds = [s * n // shards for s in range(shards + 1)]
+    workers = max(1, min(os.cpu_count() or 1, -(-n // chunk_size))) if workers is None else workers
+    with output_folder.write_atomically(output, overwrite, flag="--output") as folder:
+        lengths = np.lib.format.open_memmap(os.path.join(folder, prepared.LENGTHS), mode="w+",
+                                            dtype=np.uint16, shape=(n, 2))
+        digest = hashlib.sha256()
+        writer, shard, row = None, -1, 0
+        with tqdm.tqdm(total=n, unit="ex", desc="samtone-prepare", disable=not progress) as bar:
+            for records, chunk_lengths in _tokenized_chunks(rows, tokenizer.path, settings,
+                                                            workers, chunk_size):
+                lengths[row:row + len(records)] = chunk_lengths
+                for record in records:
+                    if row == bounds[shard + 1]:
+                        if writer is not None:
+                            writer.close()
+                        shard += 1
+                        writer = _writer(os.path.join(folder, prepared.shard_name(shard,
+                                                                                  shards)))
+                    writer.write(record)
+                    digest.update(len(record).to_bytes(8, "little"))
+                    digest.update(record)
+                    row += 1
+                bar.update(len(records))
+        writer.close()
+        lengths.flush()
+        manifest = {
+            "format": prepared.FORMAT,
+            "version": prepared.VERSION,
+            "num_examples": n,
+            "has_labels": has_labels,
+            "settings": {**dataclasses.asdict(settings), "vocabulary": tokenizer.path,
+                         "vocabulary_sha256": prepared.file_sha256(tokenizer.path)},
+            "sources": expand_paths(data),
+            "skipped_lines": stats.total_skipped,
+            "shards": [{"file": prepared.shard_name(s, shards),
+                        "records": bounds[s + 1] - bounds[s]} for s in range(shards)],
+            "lengths_histogram": {
+                "query": _histogram(lengths[:, 0], settings.query_length),
+                "passage_and_negatives": _histogram(lengths[:, 1], settings.passage_length)},
+            "fingerprint": digest.hexdigest(),
+        }
+        del lengths
+        with open(os.path.join(folder, prepared.MANIFEST), "w", encoding="utf-8") as file:
+            json.dump(manifest, file, indent=1)
+    return manifest
+
+
+def _writer(path: str):
+    from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
+    return array_record_module.ArrayRecordWriter(path, prepared.WRITER_OPTIONS)
