@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import hashlib
 import inspect
 import os
 import time
@@ -45,7 +46,8 @@ from samtone.checkpoints import pretrained
 from samtone.data import files
 from samtone.data import packing
 from samtone.data.tokenizer import Tokenizer
-from samtone.errors import ChangedConfigError, CheckpointError, ConfigError, MissingFileError
+from samtone.errors import (ChangedConfigError, CheckpointError, ConfigError, DataError,
+                            MissingFileError)
 from samtone.preemption import PreemptionNotice
 from samtone.summaries import NonFiniteLossError, Progress, Summaries  # noqa: F401
 from samtone.train_config import CheckpointConfig, DataConfig, EvalConfig, check_integer
@@ -167,6 +169,7 @@ def train(
                 data.train_data, tokenizer=tokenizer, global_batch_size=global_batch_size,
                 query_length=query_length, passage_length=passage_length, seed=seed,
                 local_rows=rows)
+        _check_same_data(iterator, data.train_data)
         example_batch = _example_global_batch(iterator, global_batch_size)
         train_step_lib.check_packed_microbatches(example_batch, microbatches)  # before compiling
         # One trace of the model's init serves the optimiser, the shardings and the state.
@@ -434,6 +437,25 @@ def _use_compilation_cache(model_dir, path: str) -> None:
         compilation_cache.set_cache_dir(path)
         compilation_cache.reset_cache()  # a cache opened on another folder is dropped
     logging.info("persistent compilation cache: %s", path)
+
+
+def _check_same_data(iterator, train_data) -> None:
+    """Every process read the same data (the iterator state's fingerprint), else DataError: a
+    host with another copy of TRAIN_DATA would train on batches no other host sees."""
+    if jax.process_count() == 1 or not hasattr(iterator, "get_state"):
+        return
+    fingerprint = iterator.get_state().get("data_fingerprint")
+    if fingerprint is None:
+        return
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    mine = np.frombuffer(hashlib.sha256(str(fingerprint).encode()).digest(), np.uint8)
+    first = np.asarray(multihost_utils.broadcast_one_to_all(mine))
+    if not np.array_equal(first, mine):
+        error = DataError(f"TRAIN_DATA {train_data!r} differs between hosts: process "
+                          f"{jax.process_index()} read other data than process 0 (fingerprint "
+                          f"{fingerprint}); give every host the same files or prepared folder")
+        error.parameter = "DataConfig.train_data"
+        raise error
 
 
 def _example_global_batch(iterator, global_batch_size: int) -> dict[str, np.ndarray]:

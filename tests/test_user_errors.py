@@ -7,6 +7,7 @@ import json
 import re
 
 import gin
+import jax
 import pytest
 
 from samtone import grad_cache
@@ -169,3 +170,28 @@ def test_plan_on_devices_that_cannot_split_the_batch():
     message = assert_one_error_line(result, "BATCH_SIZE (train.global_batch_size) = 64",
                                     "the 3 data-parallel devices")
     assert "microbatches" not in message
+
+
+# 7. Hosts that read different TRAIN_DATA are stopped before the first step.
+class _FakeIterator:
+    def __init__(self, fingerprint):
+        self.fingerprint = fingerprint
+
+    def get_state(self):
+        return {"epoch": 0, "data_fingerprint": self.fingerprint}
+
+
+def test_hosts_with_different_data_are_refused(monkeypatch):
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    from samtone import train as train_lib  # pylint: disable=import-outside-toplevel
+
+    process_zeros = {}
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all",
+                        lambda value: process_zeros.setdefault("value", value))
+    train_lib._check_same_data(_FakeIterator("abc"), "pairs.jsonl")  # process 0's own
+    with pytest.raises(DataError, match="TRAIN_DATA 'pairs.jsonl' differs between hosts: "
+                                        "process 1 read other data") as raised:
+        train_lib._check_same_data(_FakeIterator("abd"), "pairs.jsonl")
+    assert raised.value.parameter == "DataConfig.train_data"
