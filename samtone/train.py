@@ -46,8 +46,7 @@ from samtone.checkpoints import pretrained
 from samtone.data import files
 from samtone.data import packing
 from samtone.data.tokenizer import Tokenizer
-from samtone.errors import (ChangedConfigError, CheckpointError, ConfigError, DataError,
-                            MissingFileError)
+from samtone.errors import ChangedConfigError, CheckpointError, ConfigError, MissingFileError
 from samtone.preemption import PreemptionNotice
 from samtone.summaries import NonFiniteLossError, Progress, Summaries  # noqa: F401
 from samtone.train_config import CheckpointConfig, DataConfig, EvalConfig, check_integer
@@ -440,7 +439,7 @@ def _use_compilation_cache(model_dir, path: str) -> None:
 
 
 def _check_same_data(iterator, train_data) -> None:
-    """Every process read the same data (the iterator state's fingerprint), else DataError: a
+    """Every process read the same data (the iterator state's fingerprint), else ConfigError: a
     host with another copy of TRAIN_DATA would train on batches no other host sees."""
     if jax.process_count() == 1 or not hasattr(iterator, "get_state"):
         return
@@ -451,7 +450,7 @@ def _check_same_data(iterator, train_data) -> None:
     mine = np.frombuffer(hashlib.sha256(str(fingerprint).encode()).digest(), np.uint8)
     first = np.asarray(multihost_utils.broadcast_one_to_all(mine))
     if not np.array_equal(first, mine):
-        error = DataError(f"TRAIN_DATA {train_data!r} differs between hosts: process "
+        error = ConfigError(f"TRAIN_DATA {train_data!r} differs between hosts: process "
                           f"{jax.process_index()} read other data than process 0 (fingerprint "
                           f"{fingerprint}); give every host the same files or prepared folder")
         error.parameter = "DataConfig.train_data"

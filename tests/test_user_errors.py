@@ -191,7 +191,7 @@ def test_hosts_with_different_data_are_refused(monkeypatch):
     monkeypatch.setattr(multihost_utils, "broadcast_one_to_all",
                         lambda value: process_zeros.setdefault("value", value))
     train_lib._check_same_data(_FakeIterator("abc"), "pairs.jsonl")  # process 0's own
-    with pytest.raises(DataError, match="TRAIN_DATA 'pairs.jsonl' differs between hosts: "
+    with pytest.raises(ConfigError, match="TRAIN_DATA 'pairs.jsonl' differs between hosts: "
                                         "process 1 read other data") as raised:
         train_lib._check_same_data(_FakeIterator("abd"), "pairs.jsonl")
     assert raised.value.parameter == "DataConfig.train_data"
