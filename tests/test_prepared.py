@@ -13,6 +13,7 @@ from samtone.data import prepare, prepared
 from samtone.data.pipeline import make_batch_iterator
 from samtone.data.tokenizer import Tokenizer, train_sentencepiece
 from samtone.errors import ConfigError, DataError
+from test_pipeline import assert_same  # batches equal key by key
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi pi rho".split()
 NUM_EXAMPLES, BATCH, K, LQ, LP = 44, 8, 2, 8, 16  # 5 batches an epoch, 4 examples dropped
@@ -63,14 +64,6 @@ def iterator(data, vocabulary, **kwargs):
                     passage_length=LP, num_negatives=K, process_index=0, process_count=1,
                     prefetch=0)
     return make_batch_iterator(data, **{**settings, **kwargs})
-
-
-def assert_same(batches_a, batches_b):
-    assert len(batches_a) == len(batches_b)
-    for a, b in zip(batches_a, batches_b):
-        assert a.keys() == b.keys()
-        for key in a:
-            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 def test_folder_layout(folder):
