@@ -40,7 +40,8 @@ setuptools.setup(
         "safetensors>=0.4",
         "flatbuffers>=24.3",  # jax.export (de)serialisation
         "tqdm>=4.60",  # progress bars on long encoding and search
-        "array-record>=0.5,<0.9",  # samtone-prepare's shards, read by row
+        "array-record>=0.8.1,<0.9",  # samtone-prepare's shards, read by row
+        "grain>=0.2.15,<0.3",  # index_shuffle: each epoch's order computed per batch
     ],
     extras_require={
         "test": [

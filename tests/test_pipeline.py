@@ -98,16 +98,42 @@ def test_a_negative_that_is_a_passage_gets_that_passages_id(tokenizer):
                                   [stable_id(d) for d in ("doc-1", "doc-2", "doc-1", "doc-3")])
 
 
+def grain_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """Epoch `epoch`'s order, straight from grain's index_shuffle."""
+    from grain.experimental import index_shuffle  # pylint: disable=import-outside-toplevel
+    epoch_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+    return np.array([index_shuffle(i, n - 1, epoch_seed, 4) for i in range(n)])
+
+
 def test_order_is_the_seeded_permutation_of_each_epoch(data_file, examples, tokenizer):
     seed, per_epoch = 3, NUM_EXAMPLES // BATCH
     got = batches(data_file, tokenizer, 2 * per_epoch, seed=seed)
     query_id_of_row = np.array([stable_id(e.query) for e in examples])
-    for epoch in range(2):
-        order = np.random.default_rng([seed, epoch]).permutation(NUM_EXAMPLES)
+    orders = [grain_order(seed, epoch, NUM_EXAMPLES) for epoch in range(2)]
+    for epoch, order in enumerate(orders):
+        np.testing.assert_array_equal(np.sort(order), np.arange(NUM_EXAMPLES))
         expected = query_id_of_row[order[:per_epoch * BATCH]]  # the remainder is dropped
         epoch_batches = got[epoch * per_epoch:(epoch + 1) * per_epoch]
         seen = np.concatenate([b["query_ids"] for b in epoch_batches])
         np.testing.assert_array_equal(seen, expected)
+    assert not np.array_equal(orders[0], orders[1])
+
+
+def test_a_state_saved_before_index_shuffle_resumes_on_its_permutation(data_file, examples,
+                                                                        tokenizer):
+    """States without "order" (earlier samtone) continue on default_rng's permutation."""
+    seed, per_epoch = 4, NUM_EXAMPLES // BATCH
+    resumed = make_batch_iterator(data_file, tokenizer=tokenizer, global_batch_size=BATCH,
+                                  query_length=LQ, passage_length=LP, seed=seed, prefetch=0)
+    state = resumed.get_state()
+    del state["order"]
+    state.update(epoch=1, batch_in_epoch=1)
+    resumed.set_state(state)
+    got = np.concatenate([next(resumed)["query_ids"] for _ in range(per_epoch - 1)])
+    order = np.random.default_rng([seed, 1]).permutation(NUM_EXAMPLES)
+    query_id_of_row = np.array([stable_id(e.query) for e in examples])
+    np.testing.assert_array_equal(got, query_id_of_row[order[BATCH:per_epoch * BATCH]])
+    assert resumed.get_state()["order"] == "permutation"  # and its checkpoints keep it
 
 
 def test_same_seed_same_batches_other_seed_other_batches(data_file, tokenizer):

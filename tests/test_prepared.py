@@ -13,7 +13,7 @@ from samtone.data import prepare, prepared
 from samtone.data.pipeline import make_batch_iterator
 from samtone.data.tokenizer import Tokenizer, train_sentencepiece
 from samtone.errors import ConfigError, DataError
-from test_pipeline import assert_same  # batches equal key by key
+from test_pipeline import assert_same, grain_order  # batches equal key by key; the order
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi pi rho".split()
 NUM_EXAMPLES, BATCH, K, LQ, LP = 44, 8, 2, 8, 16  # 5 batches an epoch, 4 examples dropped
@@ -119,7 +119,7 @@ def test_each_process_reads_only_its_rows(folder, data_file, vocabulary, rows):
     assert_same([next(raw) for _ in range(6)], batches)
     expected = []
     for epoch, batch in [(0, b) for b in range(5)] + [(1, 0)]:
-        order = np.random.default_rng([11, epoch]).permutation(NUM_EXAMPLES)
+        order = grain_order(11, epoch, NUM_EXAMPLES)
         expected.extend(order[batch * BATCH:(batch + 1) * BATCH][rows].tolist())
     # The prefetch thread may have read a batch or two ahead: of the same rows.
     assert source.rows[:len(expected)] == expected

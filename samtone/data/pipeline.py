@@ -7,10 +7,14 @@ only a gather from those arrays. Beyond that, `samtone-prepare` tokenises the da
 a folder that `make_batch_iterator` reads by row (samtone.data.prepared): the same batches,
 each process reading only the records of its own rows, nothing held per example.
 
-Order. Epoch e visits the examples in the order `np.random.default_rng([seed, e]).permutation(N)`
-(or 0..N-1 with `shuffle=False`), so the order depends only on (seed, epoch). Global batch b of
-an epoch is `permutation[b*G : (b+1)*G]`; the last `N % G` examples of each epoch's permutation
-are dropped, so every batch is full (a different permutation each epoch drops different ones).
+Order. Epoch e visits the examples in a seeded permutation of 0..N-1 (or 0..N-1 itself with
+`shuffle=False`) that depends only on (seed, e): position i of epoch e holds example
+`index_shuffle(i, N-1, epoch_seed(seed, e))`, grain's random-access permutation (a bijection
+computed per index), so a batch costs O(G) whatever N, and nothing of size N is ever held.
+Global batch b of an epoch is positions [b*G, (b+1)*G); the last `N % G` positions of each
+epoch are dropped, so every batch is full (each epoch drops different examples). Runs saved
+before this order (states without "order") resume on the order they began with,
+`np.random.default_rng([seed, e]).permutation(N)`.
 Each process gets the rows of every global batch that its devices hold (`local_rows`, from
 samtone.partitioning.process_batch_rows and the batch sharding), so processes holding the same
 rows (replicas along a 'model' axis that spans processes) read the same examples, and all
@@ -59,7 +63,24 @@ from samtone.data.files import (Example, PathOrPaths, expand_paths, read_example
 from samtone.errors import ConfigError, DataError
 
 Batch = dict[str, np.ndarray]
-_STATE_MUST_MATCH = ("seed", "shuffle", "global_batch_size", "num_examples", "data_fingerprint")
+_STATE_MUST_MATCH = ("seed", "shuffle", "global_batch_size", "num_examples", "data_fingerprint",
+                     "order")
+INDEX_SHUFFLE = "index_shuffle"  # the order (module docstring)
+LEGACY_PERMUTATION = "permutation"  # the order of states saved without "order"
+_SHUFFLE_ROUNDS = 4  # Feistel rounds of index_shuffle, as grain's shuffled datasets use
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """index_shuffle's uint32 seed of `epoch`: distinct epochs get unrelated permutations."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def shuffled_positions(positions: np.ndarray, num_examples: int, seed: int) -> np.ndarray:
+    """The examples at `positions` of the seeded permutation of range(num_examples)."""
+    # grain's import pulls in jax (seconds): only shuffled iterators pay for it.
+    from grain.experimental import index_shuffle  # pylint: disable=import-outside-toplevel
+    return np.array([index_shuffle(int(i), num_examples - 1, seed, _SHUFFLE_ROUNDS)
+                     for i in positions], np.int64)
 
 
 def stable_id(text: str) -> int:
@@ -254,6 +275,7 @@ class _Schedule:
     query_buckets: list[int]  # bucket lengths; [query_length] alone without buckets
     passage_buckets: list[int]
     pack: bool
+    order: str = INDEX_SHUFFLE
     _cache: list = dataclasses.field(default_factory=lambda: [(-1, None)], repr=False)
 
     @property
@@ -273,19 +295,23 @@ class _Schedule:
         epoch, batch = (epoch, batch + 1) if batch + 1 < self.batches_per_epoch else (epoch + 1, 0)
         return None if self.num_epochs is not None and epoch >= self.num_epochs else (epoch, batch)
 
-    def epoch_order(self, epoch: int) -> np.ndarray:
+    def examples_at(self, position: Position) -> np.ndarray:
+        """The examples of the global batch at `position`, in their rows' order."""
+        epoch, batch = position
+        size, n = self.global_batch_size, len(self.data)
+        positions = np.arange(batch * size, (batch + 1) * size)
+        if not self.shuffle:
+            return positions
+        if self.order == INDEX_SHUFFLE:
+            return shuffled_positions(positions, n, epoch_seed(self.seed, epoch))
         cached_epoch, order = self._cache[0]  # one tuple, swapped atomically: no lock needed
         if cached_epoch != epoch:
-            n = len(self.data)
-            order = (np.random.default_rng([self.seed, epoch]).permutation(n)
-                     if self.shuffle else np.arange(n))
+            order = np.random.default_rng([self.seed, epoch]).permutation(n)
             self._cache[0] = (epoch, order)
-        return order
+        return order[positions]
 
     def batch_at(self, position: Position) -> Batch:
-        epoch, batch = position
-        size = self.global_batch_size
-        examples = self.epoch_order(epoch)[batch * size:(batch + 1) * size]
+        examples = self.examples_at(position)
         if self.pack:
             return pack_batch(self.data.gather(examples))
         local = self.data.gather(examples[self.rows])
@@ -459,11 +485,17 @@ class BatchIterator:
             "global_batch_size": schedule.global_batch_size,
             "num_examples": len(schedule.data),
             "data_fingerprint": self._fingerprint,
+            "order": schedule.order,
         }
 
     def set_state(self, state: dict) -> None:
         """Continues from a `get_state()` of an iterator over the same data and settings."""
-        check_saved_state(state, self.get_state(), position_keys=("epoch", "batch_in_epoch"),
+        # A state saved before index_shuffle continues on the order its run began with.
+        order = state.get("order", LEGACY_PERMUTATION)
+        if order not in (INDEX_SHUFFLE, LEGACY_PERMUTATION):
+            raise ValueError(f"the data iterator state has an unknown order {order!r}")
+        check_saved_state({**state, "order": order}, {**self.get_state(), "order": order},
+                          position_keys=("epoch", "batch_in_epoch"),
                           must_match=_STATE_MUST_MATCH, what="the data iterator state",
                           saved_for="other data or settings")
         epoch, batch = int(state["epoch"]), int(state["batch_in_epoch"])
@@ -471,6 +503,7 @@ class BatchIterator:
             raise ValueError(f"invalid data iterator position epoch={epoch}, batch_in_epoch="
                              f"{batch} (an epoch has {self.batches_per_epoch} batches)")
         self.close()
+        self._schedule = dataclasses.replace(self._schedule, order=order, _cache=[(-1, None)])
         num_epochs = self._schedule.num_epochs
         self._position = None if num_epochs is not None and epoch >= num_epochs else (epoch, batch)
 
@@ -535,8 +568,8 @@ def make_batch_iterator(data: PathOrPaths | Sequence[Example], *, tokenizer,
       num_negatives: K hard negatives per example (the first K of each example's negatives;
         an example with fewer is a DataError naming its file and line) -> `negative_tokens`
         [b, K, passage_length].
-      seed, shuffle: the order of epoch e is `default_rng([seed, e]).permutation`, or file
-        order without shuffle.
+      seed, shuffle: epoch e's order is a permutation seeded by (seed, e) (module
+        docstring), or file order without shuffle.
       num_epochs: None repeats forever; otherwise StopIteration after that many epochs.
       on_bad_line, split: passed to the file readers.
       simcse: read one sentence per line and pair each with itself (query == passage).
