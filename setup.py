@@ -61,7 +61,8 @@ setuptools.setup(
             "tensorflow-datasets>=4.9",
             "tensorflow-text>=2.15",
         ],
-        "analysis": ["matplotlib>=3.8", "scikit-learn>=1.4"],
+        # samtone-analyze's figures; samtone-compare's paired tests (ranx, with scipy, numba).
+        "analysis": ["matplotlib>=3.8", "scikit-learn>=1.4", "ranx>=0.3.20"],
         # The accelerators: a plain install runs JAX on the CPU only. `tpu` brings libtpu (Cloud
         # TPU VMs), `cuda` the CUDA 12 plugin with its CUDA libraries (NVIDIA GPUs).
         "tpu": ["jax[tpu]>=0.10,<0.11"],
@@ -85,6 +86,7 @@ setuptools.setup(
             "samtone-eval=samtone.cli.eval:console_entry",
             "samtone-convert=samtone.cli.convert:console_entry",
             "samtone-prepare=samtone.cli.prepare:console_entry",
+            "samtone-compare=samtone.cli.compare:console_entry",
         ]
     },
 )

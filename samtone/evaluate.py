@@ -16,14 +16,19 @@ Graded pairs (`evaluate_graded`, STS / CoSENT data): Spearman and Pearson correl
 cos(query tower(a_i), passage tower(b_i)) with the labels.
 
 `evaluate_model` is what samtone-eval runs: the run's own Encoder (its manifest, never its
-Gin config), the data, and `metrics.json` + `run.trec` in the output folder. Evaluation during
-training (samtone.train_eval) calls `evaluate_retrieval` / `evaluate_graded` with the live
-parameters; samtone.analysis calls `rank_embeddings`.
+Gin config), the data, and `metrics.json` + `run.trec` + `per_query.json` in the output
+folder. metrics.json also holds a 95% bootstrap interval over queries of each retrieval metric
+(metrics.bootstrap_intervals) and the data's fingerprint (`data_fingerprint`: the evaluated
+queries and the qrels), which samtone-compare (samtone.compare) checks before it pairs the
+per-query values of two evaluations. Evaluation during training (samtone.train_eval) calls
+`evaluate_retrieval` / `evaluate_graded` with the live parameters; samtone.analysis calls
+`rank_embeddings`.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -48,6 +53,7 @@ from samtone.vocabulary import same_vocabulary
 
 METRICS_FILE = "metrics.json"
 RUN_FILE = "run.trec"
+PER_QUERY_FILE = "per_query.json"  # each retrieval metric of each evaluated query
 RUN_TAG = "samtone"  # the last column of run.trec
 GRADED_METRICS = ("Spearman", "Pearson")
 
@@ -62,6 +68,10 @@ class RetrievalResult:
     num_queries: int
     num_passages: int
     seconds: dict[str, float]  # encode_passages, encode_queries, search, metrics
+    # Each metric of each evaluated query (those of the qrels, ascending query index).
+    per_query: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    evaluated_queries: np.ndarray = dataclasses.field(
+        default_factory=lambda: np.zeros(0, np.int64))  # their query indices
 
     def counts(self) -> dict[str, int]:
         return {"num_queries": self.num_queries, "num_passages": self.num_passages}
@@ -123,10 +133,13 @@ def _score_run(scores: np.ndarray, indices: np.ndarray, data: RetrievalSet,
     """Metrics on the whole ranking; the run kept is its first `top_k` in trec_eval's order."""
     started = time.perf_counter()
     scores, indices = metrics.trec_order(scores, indices, metrics.id_order(data.passage_ids))
-    values = metrics.retrieval_metrics(indices, data.qrels)
+    per_query = metrics.per_query_metrics(indices, data.qrels)
+    values = {name: float(np.mean(column)) if len(column) else float("nan")
+              for name, column in per_query.items()}
     seconds["metrics"] = time.perf_counter() - started
     return RetrievalResult(values, scores[:, :top_k], indices[:, :top_k], len(data.queries),
-                           len(data.passages), seconds)
+                           len(data.passages), seconds, per_query,
+                           data.qrels.evaluated_queries())
 
 
 def build_index(chunks: Iterable[np.ndarray], num_passages: int,
@@ -206,6 +219,35 @@ def write_run(path: str | os.PathLike, data: RetrievalSet, result: RetrievalResu
                 if passage >= 0))
 
 
+def data_fingerprint(data: RetrievalSet) -> str:
+    """sha256 of what the per-query metrics depend on besides the run: the evaluated queries
+    (id and text, in query order) and the judgements (query id, passage id, grade, sorted).
+
+    Two evaluations with the same fingerprint scored the same queries against the same qrels,
+    so their per-query values pair up (samtone-compare checks it). The corpus is not hashed
+    (millions of texts); metrics.json's num_passages stands for it.
+    """
+    evaluated = data.qrels.evaluated_queries().tolist()
+    queries = [[data.query_ids[q], data.queries[q]] for q in evaluated]
+    judgements = sorted([data.query_ids[q], data.passage_ids[p], float(g)]
+                        for q, p, g in zip(data.qrels.queries.tolist(),
+                                           data.qrels.passages.tolist(),
+                                           data.qrels.grades.tolist()))
+    text = json.dumps({"queries": queries, "qrels": judgements}, ensure_ascii=False,
+                      separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def write_per_query(path: str | os.PathLike, data: RetrievalSet,
+                    result: RetrievalResult) -> None:
+    """per_query.json: `{"query_ids": [...], "metrics": {"P@1": [...], ...}}`, the value of
+    each metric for each evaluated query, in the order of `query_ids` (the qrels' queries)."""
+    values = {"query_ids": [data.query_ids[q] for q in result.evaluated_queries.tolist()],
+              "metrics": {name: column.tolist() for name, column in result.per_query.items()}}
+    with _replacing(path) as temporary:
+        temporary.write_text(json.dumps(values) + "\n")
+
+
 def write_metrics(path: str | os.PathLike, values: dict) -> None:
     """`values` as indented JSON, written whole or not at all."""
     with _replacing(path) as temporary:
@@ -227,10 +269,21 @@ def _replacing(path: str | os.PathLike) -> Iterator[epath.Path]:
             temporary.unlink()
 
 
-def format_table(values: dict[str, float]) -> str:
-    """Two aligned columns, metric and value, for a command's closing lines."""
-    lines = [f"  {'metric':<12}{'value':>8}"]
-    lines.extend(f"  {name:<12}{value:>8.4f}" for name, value in values.items())
+def format_table(values: dict[str, float],
+                 intervals: dict[str, Sequence[float]] | None = None) -> str:
+    """Aligned columns, metric and value (and its interval, where given), for a command's
+    closing lines."""
+    intervals = intervals or {}
+    header = f"  {'metric':<12}{'value':>8}"
+    if intervals:
+        header += f"  {metrics.BOOTSTRAP_CONFIDENCE:.0%} interval"
+    lines = [header]
+    for name, value in values.items():
+        line = f"  {name:<12}{value:>8.4f}"
+        if name in intervals:
+            low, high = intervals[name]
+            line += f"  [{low:.4f}, {high:.4f}]"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -274,12 +327,12 @@ def evaluate_model(model_dir: str, data: files.PathOrPaths, *, split: str = "tes
                    overwrite: bool = False, progress: bool | None = None,
                    mesh: Mesh | None = None) -> EvalReport:
     """Evaluates a run (or export) on a BEIR folder or held-out pairs; writes metrics.json and
-    (retrieval) run.trec, the top `top_k` of each query, to `output_dir` (default
-    MODEL_DIR/eval/<data name>).
+    (retrieval) run.trec, the top `top_k` of each query, and per_query.json to `output_dir`
+    (default MODEL_DIR/eval/<data name>).
 
-    Existing metrics.json / run.trec there are replaced only with `overwrite`; an output that
-    is or holds an input (the run, the data) is always refused. Both are checked before the
-    model is loaded.
+    Existing metrics.json / run.trec / per_query.json there are replaced only with
+    `overwrite`; an output that is or holds an input (the run, the data) is always refused.
+    Both are checked before the model is loaded.
     """
     folder = retrieval.beir_folder(data)
     name = retrieval.data_name(folder, split) if folder else retrieval.data_name(data)
@@ -291,7 +344,7 @@ def evaluate_model(model_dir: str, data: files.PathOrPaths, *, split: str = "tes
         examples = files.read_examples(data)
         dataset = None if retrieval.is_graded(examples) else retrieval.from_examples(
             examples, name)
-    outputs = [METRICS_FILE] if dataset is None else [RUN_FILE, METRICS_FILE]
+    outputs = [METRICS_FILE] if dataset is None else [RUN_FILE, PER_QUERY_FILE, METRICS_FILE]
     output_folder.check_files(output_dir, outputs, overwrite)  # before loading the model
     encoder = Encoder.load(model_dir, step=step, batch_size=batch_size)
     if vocabulary is not None:
@@ -307,6 +360,12 @@ def evaluate_model(model_dir: str, data: files.PathOrPaths, *, split: str = "tes
                                     approximate=approximate, recall_target=recall_target,
                                     progress=progress)
         values.update(result.metrics)
+        intervals = metrics.bootstrap_intervals(result.per_query)
+        values["intervals"] = {name: list(bounds) for name, bounds in intervals.items()}
+        values["bootstrap"] = {"confidence": metrics.BOOTSTRAP_CONFIDENCE,
+                               "resamples": metrics.BOOTSTRAP_RESAMPLES,
+                               "seed": metrics.BOOTSTRAP_SEED, "over": "queries",
+                               "method": "percentile"}
         values.update(result.counts())
         seconds, names = result.seconds, metrics.RETRIEVAL_METRICS
         values.update(top_k=min(top_k, result.num_passages),
@@ -316,11 +375,15 @@ def evaluate_model(model_dir: str, data: files.PathOrPaths, *, split: str = "tes
                   data=[os.fspath(p) for p in files.expand_paths(data)])
     if folder is not None:
         values["split"] = split
+    if dataset is not None:
+        values["data_fingerprint"] = data_fingerprint(dataset)
     if jax.process_index() == 0:
-        # run.trec and metrics.json appear together (metrics.json last) or not at all.
+        # run.trec, per_query.json and metrics.json appear together (metrics.json last) or
+        # not at all.
         with output_folder.write_files_atomically(output_dir, outputs, overwrite) as temporary:
             if dataset is not None:
                 write_run(os.path.join(temporary, RUN_FILE), dataset, result)
+                write_per_query(os.path.join(temporary, PER_QUERY_FILE), dataset, result)
             write_metrics(os.path.join(temporary, METRICS_FILE), values)
     written = [os.path.join(output_dir, output) for output in outputs]
     return EvalReport(values, names, output_dir, written, seconds)

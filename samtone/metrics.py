@@ -20,7 +20,8 @@ Conventions, those of trec_eval (and so of pytrec_eval and BEIR's published numb
   * Recall@k = relevant passages in the top k / relevant passages in the qrels (0 if none).
 
 Only the top-k lists are needed, never the full score matrix, so a corpus of millions costs
-O(Nq K) here (the search itself is samtone.search).
+O(Nq K) here (the search itself is samtone.search). `per_query_metrics` gives each query's
+values, `bootstrap_intervals` a percentile bootstrap interval over queries of their means.
 """
 from __future__ import annotations
 
@@ -150,6 +151,41 @@ def retrieval_metrics(run: np.ndarray, qrels: Qrels,
     """The mean over evaluated queries of each metric of `names` (nan if no query)."""
     return {name: float(np.mean(values)) if len(values) else float("nan")
             for name, values in per_query_metrics(run, qrels, names).items()}
+
+
+# Confidence intervals of the means: a percentile bootstrap over queries.
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 0
+BOOTSTRAP_CONFIDENCE = 0.95
+
+
+def bootstrap_intervals(per_query: Mapping[str, np.ndarray], *,
+                        resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+                        confidence: float = BOOTSTRAP_CONFIDENCE
+                        ) -> dict[str, tuple[float, float]]:
+    """A percentile bootstrap interval of the mean of each metric over the queries.
+
+    Resample b (b = 0 .. resamples-1, in order) draws n = len(values) query positions with
+    replacement, `rng.integers(0, n, size=n)` of `rng = np.random.default_rng(seed)`; every
+    metric is averaged over the same draw (the metrics of one query stay together). The
+    interval is `np.percentile(means, [50 - 50c, 50 + 50c])` (numpy's default linear
+    interpolation) of the `resamples` means, c = `confidence`. Deterministic for a seed;
+    (nan, nan) without queries.
+    """
+    names = list(per_query)
+    if not names:
+        return {}
+    values = np.stack([np.asarray(per_query[name], np.float64) for name in names])
+    count = values.shape[1]
+    if count == 0:
+        return {name: (float("nan"), float("nan")) for name in names}
+    rng = np.random.default_rng(seed)
+    means = np.empty((len(names), resamples))
+    for resample in range(resamples):  # one draw at a time: memory O(n), not O(resamples n)
+        means[:, resample] = values[:, rng.integers(0, count, size=count)].mean(axis=1)
+    tail = 50.0 * (1.0 - confidence)
+    bounds = np.percentile(means, [tail, 100.0 - tail], axis=1)
+    return {name: (float(bounds[0, i]), float(bounds[1, i])) for i, name in enumerate(names)}
 
 
 def _parse_name(name: str) -> tuple[str, int]:

@@ -2,6 +2,7 @@
 (trec_eval) gives the metrics samtone reports, ties and grades included, on one device and on
 a sharded mesh; graded pairs; and end to end, a tiny run evaluated on a BEIR folder during
 training and afterwards by `samtone-eval`, which agree."""
+import dataclasses
 import json
 import os
 import re
@@ -170,6 +171,63 @@ def test_vocabulary_check_names_both(tmp_path):
         evaluate.check_vocabulary(model_vocabulary, other, "--vocabulary")
 
 
+# --- per-query values, bootstrap intervals, the data's fingerprint ---------------------------
+
+
+def test_bootstrap_intervals_equal_an_independent_numpy_bootstrap():
+    rng = np.random.default_rng(5)
+    per_query = {"P@1": (rng.random(73) < 0.4).astype(float), "NDCG@10": rng.random(73)}
+    intervals = metrics.bootstrap_intervals(per_query)
+    # As documented: resample b draws default_rng(0).integers(0, n, size=n), b = 0..999.
+    draws = np.random.default_rng(0)
+    samples = [draws.integers(0, 73, size=73) for _ in range(1000)]
+    for name, values in per_query.items():
+        means = [values[sample].mean() for sample in samples]
+        expected = np.percentile(means, [2.5, 97.5])
+        assert intervals[name] == pytest.approx(tuple(expected), abs=1e-12), name
+        low, high = intervals[name]
+        assert low < values.mean() < high and high - low > 0.05
+    assert metrics.bootstrap_intervals(per_query) == intervals  # deterministic
+    assert metrics.bootstrap_intervals(per_query, seed=1) != intervals
+    wider = metrics.bootstrap_intervals(per_query, confidence=0.99)["NDCG@10"]
+    assert wider[0] < intervals["NDCG@10"][0] and wider[1] > intervals["NDCG@10"][1]
+    constant = metrics.bootstrap_intervals({"P@1": np.ones(5)})
+    assert constant == {"P@1": (1.0, 1.0)}
+
+
+def test_per_query_values_are_those_the_means_average(tmp_path):
+    data, judged = tied_retrieval_set()
+    result = evaluate.evaluate_retrieval(topic_encoder(), data, progress=False)
+    np.testing.assert_array_equal(result.evaluated_queries, sorted(judged))
+    for name in metrics.RETRIEVAL_METRICS:
+        assert np.mean(result.per_query[name]) == pytest.approx(result.metrics[name])
+    # Query 1 has only grade-0 judgements: 0 everywhere; query 3 finds its passage.
+    assert result.per_query["Recall@100"][1] == 0 and result.per_query["Recall@100"][3] == 1
+    evaluate.write_per_query(tmp_path / "per_query.json", data, result)
+    written = json.loads((tmp_path / "per_query.json").read_text())
+    assert written["query_ids"] == [f"q{q}" for q in sorted(judged)]
+    assert written["metrics"] == {name: pytest.approx(values.tolist())
+                                  for name, values in result.per_query.items()}
+    table = evaluate.format_table({"P@1": 0.41333}, {"P@1": (0.36, 0.47)})
+    assert table.splitlines()[1] == "  P@1           0.4133  [0.3600, 0.4700]"
+
+
+def test_data_fingerprint_follows_the_queries_and_qrels_only():
+    data, judged = tied_retrieval_set()
+    fingerprint = evaluate.data_fingerprint(data)
+    assert fingerprint.startswith("sha256:") and len(fingerprint) == 7 + 64
+    same, _ = tied_retrieval_set()
+    same.passages[0] = "another passage text"  # the corpus is not hashed
+    assert evaluate.data_fingerprint(same) == fingerprint
+    text = dataclasses.replace(data, queries=[*data.queries[:-1], "topic5 reworded"])
+    grades = {**judged, 5: {5: 2, 11: 0}}
+    regraded = dataclasses.replace(data, qrels=metrics.Qrels.from_dict(grades))
+    ids = dataclasses.replace(data, query_ids=[f"x{q}" for q in range(NUM_TOPICS)])
+    fewer = dataclasses.replace(data, qrels=metrics.Qrels.from_dict(
+        {q: p for q, p in judged.items() if q != 4}))
+    assert len({evaluate.data_fingerprint(d) for d in (data, text, regraded, ids, fewer)}) == 5
+
+
 # --- end to end: training evaluates a BEIR folder; samtone-eval agrees ----------------------
 
 
@@ -237,7 +295,48 @@ def test_training_writes_metrics_per_step_and_samtone_eval_agrees(trained, tmp_p
     assert evaluated == 35
     assert {name: reported[name] for name in expected} == pytest.approx(expected, abs=1e-6)
     assert "passages/s" in result.stdout and "queries/s" in result.stdout
-    assert f"written:  {output / 'run.trec'}, {output / 'metrics.json'}" in result.stdout
+    assert (f"written:  {output / 'run.trec'}, {output / 'per_query.json'}, "
+            f"{output / 'metrics.json'}") in result.stdout
+    # Each value with its bootstrap interval; the per-query values it came from.
+    per_query = json.loads((output / "per_query.json").read_text())
+    assert len(per_query["query_ids"]) == 35
+    for name in metrics.RETRIEVAL_METRICS:
+        low, high = reported["intervals"][name]
+        assert low <= reported[name] <= high
+        assert np.mean(per_query["metrics"][name]) == pytest.approx(reported[name], abs=1e-9)
+        assert (f"  {name:<12}{reported[name]:>8.4f}  [{low:.4f}, {high:.4f}]"
+                in result.stdout)
+    assert reported["intervals"] == {
+        name: pytest.approx(list(bounds)) for name, bounds in metrics.bootstrap_intervals(
+            {n: np.array(v) for n, v in per_query["metrics"].items()}).items()}
+    assert reported["data_fingerprint"] == evaluate.data_fingerprint(data)
+    assert reported["split"] == "test" and reported["data"] == [str(folder)]
+
+
+@pytest.mark.slow
+def test_samtone_compare_on_two_evaluated_checkpoints(trained, tmp_path):
+    """samtone-eval of steps 1 and 2, then samtone-compare of the two folders."""
+    run, folder = trained
+    outputs = [tmp_path / f"step{step}" for step in (1, 2)]
+    for step, output in zip((1, 2), outputs):
+        result = _run("samtone.cli.eval", f"--model_dir={run}", f"--data={folder}",
+                      f"--step={step}", f"--output={output}", "--batch_size=16")
+        assert result.returncode == 0, result.stderr[-3000:]
+    compared = _run("samtone.cli.compare", f"--runs={outputs[0]},{outputs[1]}",
+                    "--test=student", f"--output={tmp_path / 'compare'}")
+    assert compared.returncode == 0, compared.stderr[-3000:]
+    saved = json.loads((tmp_path / "compare" / "compare.json").read_text())
+    first, second = (json.loads((o / "per_query.json").read_text())["metrics"] for o in outputs)
+    for name in ("P@1", "NDCG@10", "Recall@100"):
+        cell = saved["systems"][str(outputs[1])]["metrics"][name]
+        assert cell["mean"] == pytest.approx(
+            json.loads((outputs[1] / "metrics.json").read_text())[name])
+        if first[name] != second[name]:
+            expected = scipy.stats.ttest_rel(first[name], second[name]).pvalue
+            assert cell["p_value"] == pytest.approx(expected, abs=1e-6)
+        else:
+            assert cell["p_value"] == 1.0
+    assert f"| {outputs[0]} (baseline) | 1 | " in compared.stdout
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 CLI (a static check of the import statements, no module is imported)."""
 import ast
 import pathlib
+import re
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "samtone"
@@ -85,7 +86,7 @@ def test_the_cli_layer_is_on_top_and_serving_is_apart_from_training():
             assert not [n for n in names if n.startswith("samtone.cli")], module
     for serving in ("samtone.inference", "samtone.export", "samtone.mine", "samtone.analysis",
                     "samtone.evaluate", "samtone.run_manifest", "samtone.search",
-                    "samtone.encoding", "samtone.checkpoints.convert"):
+                    "samtone.encoding", "samtone.checkpoints.convert", "samtone.compare"):
         closure, todo = set(), [serving]
         while todo:
             for name in graph.get(todo.pop(), ()):
@@ -96,3 +97,21 @@ def test_the_cli_layer_is_on_top_and_serving_is_apart_from_training():
     for path in PACKAGE.rglob("*.py"):
         if "cli" not in path.parts:
             assert "import gin" not in path.read_text(), path
+
+
+def test_compare_reads_files_without_the_model_stack():
+    """samtone.compare (samtone-compare's logic) tests JSON files: none of the modules it
+    reaches imports JAX, Flax or the evaluation that does (tests/test_compare.py also checks
+    at run time that importing it loads no jax)."""
+    graph = _imports()
+    closure, todo = set(), ["samtone.compare"]
+    while todo:
+        for name in graph.get(todo.pop(), ()):
+            if name not in closure:
+                closure.add(name)
+                todo.append(name)
+    assert "samtone.evaluate" not in closure and "samtone.inference" not in closure
+    for module in closure | {"samtone.compare"}:
+        path = PACKAGE.joinpath(*module.split(".")[1:])
+        source = (path / "__init__.py" if path.is_dir() else path.with_suffix(".py")).read_text()
+        assert not re.search(r"^\s*(import|from)\s+(jax|flax)\b", source, re.M), module

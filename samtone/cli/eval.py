@@ -3,10 +3,12 @@
     samtone-eval --model_dir=runs/base --data=beir/scifact [--split=test] [--output=OUT] \
         [--step=N] [--batch_size=B] [--top_k=100] [--approximate] [--overwrite]
 
-Writes OUT/metrics.json (P@1, MRR@10, NDCG@10, Recall@1/10/100, counts, step) and
-OUT/run.trec (default OUT: MODEL_DIR/eval/<data name>), and prints the table, the encoding
-and search rates, and where the files went. Existing files there are replaced only with
---overwrite; the inputs (the run, the data) never. Flags are checked before any work.
+Writes OUT/metrics.json (P@1, MRR@10, NDCG@10, Recall@1/10/100 with 95% bootstrap intervals
+over queries, counts, step, the data's fingerprint), OUT/run.trec and OUT/per_query.json (each
+metric of each query, which samtone-compare tests) (default OUT: MODEL_DIR/eval/<data name>),
+and prints the table, the encoding and search rates, and where the files went. Existing files
+there are replaced only with --overwrite; the inputs (the run, the data) never. Flags are
+checked before any work.
 """
 from __future__ import annotations
 
@@ -31,8 +33,8 @@ def define_flags() -> None:
                       "qrels/<split>.tsv), or held-out pairs (JSONL/TSV, globs); graded pairs "
                       "(labels) give Spearman / Pearson.", required=True)
     flags.DEFINE_string("split", "test", "The qrels split of a BEIR folder (only).")
-    flags.DEFINE_string("output", None, "Folder for metrics.json and run.trec (default "
-                        "MODEL_DIR/eval/<data name>).")
+    flags.DEFINE_string("output", None, "Folder for metrics.json, run.trec and per_query.json "
+                        "(default MODEL_DIR/eval/<data name>).")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
     flags.DEFINE_integer("batch_size", 128, "Texts encoded at once (a multiple of the "
                          "devices the batch is split over).", lower_bound=1)
@@ -44,8 +46,8 @@ def define_flags() -> None:
                        lower_bound=0.0, upper_bound=1.0)
     flags.DEFINE_string("vocabulary", None, "The SentencePiece model the data was prepared "
                         "with, if any: refused unless it is the model's own.")
-    flags.DEFINE_bool("overwrite", False, "Replace metrics.json and run.trec if the output "
-                      "folder holds them (an earlier evaluation of the same data).")
+    flags.DEFINE_bool("overwrite", False, "Replace metrics.json, run.trec and per_query.json "
+                      "if the output folder holds them (an earlier evaluation of the same data).")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -79,7 +81,8 @@ def closing_lines(report: evaluate.EvalReport, model_dir: str) -> str:
     else:
         sizes = f"{values['num_pairs']} graded pairs"
     lines = [f"samtone-eval: step {values['step']} of {model_dir} on {data}: {sizes}", "",
-             evaluate.format_table({name: values[name] for name in report.metric_names}), ""]
+             evaluate.format_table({name: values[name] for name in report.metric_names},
+                                   values.get("intervals")), ""]
     if "num_queries" in values:
         passages = _rate(values["num_passages"], seconds["encode_passages"], "passages")
         queries = _rate(values["num_queries"], seconds["encode_queries"], "queries")
@@ -93,6 +96,9 @@ def closing_lines(report: evaluate.EvalReport, model_dir: str) -> str:
     lines.append(f"next:     samtone-analyze --model_dir={quoted} --compare=OTHER_MODEL_DIR "
                  f"--data={shlex.quote(values['data'][0])} "
                  f"--output={shlex.quote(model_dir + '/analysis')}")
+    if "num_queries" in values:
+        lines.append(f"          samtone-compare --runs={shlex.quote(report.output_dir)},"
+                     "OTHER_EVAL_FOLDER  (paired tests, extra analysis)")
     return "\n".join(lines)
 
 
