@@ -61,6 +61,10 @@ setuptools.setup(
             "tensorflow-datasets>=4.9",
             "tensorflow-text>=2.15",
         ],
+        # samtone-prepare --runner=...: the prepared folder written by an Apache Beam pipeline.
+        # apache-beam needs protobuf<7, but sentencepiece's generated proto, which the seqio
+        # extra loads, needs protobuf>=7: install it in a venv of its own (CI tests it there).
+        "beam": ["apache-beam>=2.60"],
         # samtone-analyze's figures; samtone-compare's paired tests (ranx, with scipy, numba).
         "analysis": ["matplotlib>=3.8", "scikit-learn>=1.4", "ranx>=0.3.20"],
         # The accelerators: a plain install runs JAX on the CPU only. `tpu` brings libtpu (Cloud

@@ -3,12 +3,17 @@
     samtone-prepare --data=pairs.jsonl --vocabulary=spiece.model --output=prepared/pairs \
         [--query_length=64] [--passage_length=256] [--num_negatives=K] [--shards=N] \
         [--workers=N] [--on_bad_line=error|skip] [--overwrite]
+    samtone-prepare ... --runner=DirectRunner|FlinkRunner|SparkRunner|DataflowRunner \
+        [--beam_option=--direct_num_workers=4 ...]
 
 Reads what TRAIN_DATA reads (JSONL, TSV, BEIR folders, globs), validates it the same way and
 writes ArrayRecord shards of tokenised examples, lengths.npy and prepared.json
 (samtone.data.prepared). Then `samtone-train ... --gin.TRAIN_DATA="'prepared/pairs'"`: each
 host reads only its rows. The settings must be the run's (lengths, num_negatives, VOCABULARY).
 An existing --output is replaced only with --overwrite; the folder appears whole or not at all.
+With --runner the same folder is written by an Apache Beam pipeline on that runner
+(samtone.data.prepare_beam; pip install 'samtone[beam]'), --beam_option passing Beam's own
+flags; without it, by local worker processes.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from absl import flags
 from samtone import output_folder
 from samtone.cli import common
 from samtone.data import prepare
+from samtone.errors import ConfigError
 
 FLAGS = flags.FLAGS
 
@@ -43,6 +49,11 @@ def define_flags() -> None:
                       "file:line (error) or is skipped and counted (skip).")
     flags.DEFINE_string("split", "train", "qrels/<split>.tsv read from BEIR folders.")
     flags.DEFINE_bool("overwrite", False, "Replace --output if it exists and is not empty.")
+    flags.DEFINE_string("runner", None, "Write with an Apache Beam pipeline on this runner "
+                        "(DirectRunner, FlinkRunner, SparkRunner, DataflowRunner, ...) instead "
+                        "of local worker processes; needs pip install 'samtone[beam]'.")
+    flags.DEFINE_multi_string("beam_option", [], "A Beam pipeline option for --runner, e.g. "
+                              "--beam_option=--direct_num_workers=4 (repeatable).")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -54,9 +65,22 @@ def main(argv: Sequence[str]) -> None:
     settings = prepare.Settings(query_length=FLAGS.query_length,
                                 passage_length=FLAGS.passage_length,
                                 num_negatives=FLAGS.num_negatives)
-    manifest = prepare.prepare(data, vocabulary, output, settings, shards=FLAGS.shards,
-                               workers=FLAGS.workers, on_bad_line=FLAGS.on_bad_line,
-                               split=FLAGS.split, overwrite=FLAGS.overwrite)
+    if FLAGS.runner is None:
+        if FLAGS.beam_option:
+            raise ConfigError("--beam_option needs --runner (a Beam runner, e.g. DirectRunner)")
+        manifest = prepare.prepare(data, vocabulary, output, settings, shards=FLAGS.shards,
+                                   workers=FLAGS.workers, on_bad_line=FLAGS.on_bad_line,
+                                   split=FLAGS.split, overwrite=FLAGS.overwrite)
+    else:
+        if FLAGS.workers is not None:
+            raise ConfigError("--workers counts local processes; with --runner set the "
+                              "runner's own, e.g. --beam_option=--direct_num_workers=4")
+        # pylint: disable-next=import-outside-toplevel
+        from samtone.data import prepare_beam  # imports apache_beam only when it runs
+        manifest = prepare_beam.prepare_with_beam(
+            data, vocabulary, output, settings, shards=FLAGS.shards, runner=FLAGS.runner,
+            pipeline_options=FLAGS.beam_option, on_bad_line=FLAGS.on_bad_line,
+            split=FLAGS.split, overwrite=FLAGS.overwrite)
     skipped = manifest["skipped_lines"]
     print(f"samtone-prepare: {manifest['num_examples']} examples in "
           f"{len(manifest['shards'])} shards" + (f" ({skipped} bad lines skipped)"

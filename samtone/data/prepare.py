@@ -5,16 +5,18 @@ file:line errors, on_bad_line), the ids computed as samtone.data.pipeline comput
 each text tokenised with the same truncation and EOS, in worker processes over chunks of
 examples whose results are written in the examples' order. Everything goes to a temporary
 sibling folder renamed into place at the end (samtone.output_folder.write_atomically), with
-prepared.json written last.
+prepared.json written last. samtone.data.prepare_beam writes the same folder with Apache Beam
+from the pieces shared here (`tokenize_rows`, `RecordDigests`, `manifest`).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
 import multiprocessing
 import os
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import tqdm
@@ -28,6 +30,7 @@ from samtone.errors import ConfigError, DataError
 
 CHUNK_SIZE = 1024  # examples per task of a worker process, by default
 MAX_LENGTH = np.iinfo(np.uint16).max  # lengths.npy holds uint16
+FINGERPRINT_BLOCK = 4096  # rows per block of the fingerprint (RecordDigests)
 
 # One example as a worker gets it: query, passage, negatives, ids, label.
 _Row = tuple[str, str, tuple[str, ...], int, int, list[int], float | None]
@@ -45,9 +48,9 @@ def _start_worker(vocabulary: str, num_threads: int) -> None:
     _worker_tokenizer.append(Tokenizer(vocabulary, num_threads=num_threads))
 
 
-def _tokenize_chunk(rows: list[_Row], settings: Settings) -> tuple[list[bytes], np.ndarray]:
+def tokenize_rows(rows: Sequence[_Row], settings: Settings,
+                  tokenizer: Tokenizer) -> tuple[list[bytes], np.ndarray]:
     """(records, uint16 lengths [len(rows), 2]) of a chunk of examples."""
-    tokenizer = _worker_tokenizer[-1]
     k = settings.num_negatives
     queries = tokenizer.encode([row[0] for row in rows], settings.query_length)
     passages = tokenizer.encode([row[1] for row in rows], settings.passage_length)
@@ -71,7 +74,8 @@ def _tokenized_chunks(rows: Sequence[_Row], vocabulary: str, settings: Settings,
     if workers <= 1:
         _start_worker(vocabulary, -1)
         try:
-            yield from (_tokenize_chunk(chunk, settings) for chunk in chunks)
+            yield from (tokenize_rows(chunk, settings, _worker_tokenizer[-1])
+                        for chunk in chunks)
         finally:
             _worker_tokenizer.pop()
         return
@@ -86,7 +90,7 @@ class _Task:
     settings: Settings
 
     def __call__(self, rows: list[_Row]) -> tuple[list[bytes], np.ndarray]:
-        return _tokenize_chunk(rows, self.settings)
+        return tokenize_rows(rows, self.settings, _worker_tokenizer[-1])
 
 
 def _histogram(lengths: np.ndarray, maximum: int) -> dict[str, int]:
@@ -96,7 +100,96 @@ def _histogram(lengths: np.ndarray, maximum: int) -> dict[str, int]:
     return {str(bucket): int(count) for bucket, count in zip(buckets, counts)}
 
 
-def _check_settings(settings: Settings, shards: int) -> None:
+class RecordDigests:
+    """The records' part of the fingerprint, from row `first_row` of `num_rows` on.
+
+    fingerprint = sha256 over the digests of the blocks of FINGERPRINT_BLOCK rows in order, a
+    block's digest being sha256 over its records' sha256 digests. Writers of different row
+    ranges (Beam's shards) each give `pieces()`: a whole block's digest, or the record digests
+    of the part of a block they hold; `fingerprint` joins them into the one of the records in
+    order, whatever the shard count.
+    """
+
+    def __init__(self, first_row: int, num_rows: int):
+        self.row, self.num_rows = first_row, num_rows
+        self._digests: list[bytes] = []  # of the current block's records
+        self._pieces: list[tuple[int, int, bool, bytes]] = []
+
+    def add(self, record: bytes) -> None:
+        self._digests.append(hashlib.sha256(record).digest())
+        self.row += 1
+        if self.row % FINGERPRINT_BLOCK == 0 or self.row == self.num_rows:
+            self._close_block()
+
+    def _close_block(self) -> None:
+        start = self.row - len(self._digests)
+        block = start // FINGERPRINT_BLOCK
+        whole = (start == block * FINGERPRINT_BLOCK
+                 and self.row == min((block + 1) * FINGERPRINT_BLOCK, self.num_rows))
+        digests = b"".join(self._digests)
+        self._pieces.append((block, start, whole,
+                             hashlib.sha256(digests).digest() if whole else digests))
+        self._digests = []
+
+    def pieces(self) -> list[tuple[int, int, bool, bytes]]:
+        """(block, first row, whole, block digest if whole else its record digests)."""
+        if self._digests:
+            self._close_block()
+        return self._pieces
+
+
+def fingerprint(pieces: Iterable[tuple[int, int, bool, bytes]]) -> str:
+    """The fingerprint (RecordDigests) of the records whose pieces these are."""
+    blocks: dict[int, bytes] = {}
+    parts: dict[int, list[tuple[int, bytes]]] = collections.defaultdict(list)
+    for block, start, whole, data in pieces:
+        if whole:
+            blocks[block] = data
+        else:
+            parts[block].append((start, data))
+    for block, found in parts.items():
+        blocks[block] = hashlib.sha256(b"".join(data for _, data in sorted(found))).digest()
+    digest = hashlib.sha256()
+    for block in sorted(blocks):
+        digest.update(blocks[block])
+    return digest.hexdigest()
+
+
+def shard_bounds(num_examples: int, shards: int) -> list[int]:
+    """Shard s holds rows [bounds[s], bounds[s + 1]); never more shards than examples."""
+    shards = min(shards, num_examples)
+    return [s * num_examples // shards for s in range(shards + 1)]
+
+
+def manifest(*, num_examples: int, has_labels: bool, settings: Settings, vocabulary: str,
+             sources: list[str], skipped_lines: int, bounds: list[int], lengths: np.ndarray,
+             pieces: Iterable[tuple[int, int, bool, bytes]]) -> dict:
+    """prepared.json's content (samtone.data.prepared)."""
+    shards = len(bounds) - 1
+    return {
+        "format": prepared.FORMAT,
+        "version": prepared.VERSION,
+        "num_examples": num_examples,
+        "has_labels": has_labels,
+        "settings": {**dataclasses.asdict(settings), "vocabulary": vocabulary,
+                     "vocabulary_sha256": prepared.file_sha256(vocabulary)},
+        "sources": sources,
+        "skipped_lines": skipped_lines,
+        "shards": [{"file": prepared.shard_name(s, shards),
+                    "records": bounds[s + 1] - bounds[s]} for s in range(shards)],
+        "lengths_histogram": {
+            "query": _histogram(lengths[:, 0], settings.query_length),
+            "passage_and_negatives": _histogram(lengths[:, 1], settings.passage_length)},
+        "fingerprint": fingerprint(pieces),
+    }
+
+
+def write_manifest(folder: str, content: dict) -> None:
+    with open(os.path.join(folder, prepared.MANIFEST), "w", encoding="utf-8") as file:
+        json.dump(content, file, indent=1)
+
+
+def check_settings(settings: Settings, shards: int) -> None:
     for name in ("query_length", "passage_length"):
         value = getattr(settings, name)
         if not 1 <= value <= MAX_LENGTH:
@@ -118,7 +211,7 @@ def prepare(data: PathOrPaths, vocabulary: str, output: str, settings: Settings,
     `output`/prepared.json. Refuses an existing non-empty `output` unless `overwrite`
     (OutputExistsError), before reading anything.
     """
-    _check_settings(settings, shards)
+    check_settings(settings, shards)
     output_folder.check_target(output, overwrite, flag="--output")
     tokenizer = Tokenizer(vocabulary)  # checks the model before the long read
     stats = ReadStats()
@@ -132,13 +225,14 @@ def prepare(data: PathOrPaths, vocabulary: str, output: str, settings: Settings,
     rows = [(e.query, e.passage, e.negatives[:k], int(query_ids[i]), int(passage_ids[i]),
              negative_ids[i].tolist(), e.label) for i, e in enumerate(examples)]
     del examples
-    n, shards = len(rows), min(shards, len(rows))
-    bounds = [s * n // shards for s in range(shards + 1)]
+    n = len(rows)
+    bounds = shard_bounds(n, shards)
+    shards = len(bounds) - 1
     workers = max(1, min(os.cpu_count() or 1, -(-n // chunk_size))) if workers is None else workers
     with output_folder.write_atomically(output, overwrite, flag="--output") as folder:
         lengths = np.lib.format.open_memmap(os.path.join(folder, prepared.LENGTHS), mode="w+",
                                             dtype=np.uint16, shape=(n, 2))
-        digest = hashlib.sha256()
+        digests = RecordDigests(0, n)
         writer, shard, row = None, -1, 0
         with tqdm.tqdm(total=n, unit="ex", desc="samtone-prepare", disable=not progress) as bar:
             for records, chunk_lengths in _tokenized_chunks(rows, tokenizer.path, settings,
@@ -149,37 +243,23 @@ def prepare(data: PathOrPaths, vocabulary: str, output: str, settings: Settings,
                         if writer is not None:
                             writer.close()
                         shard += 1
-                        writer = _writer(os.path.join(folder, prepared.shard_name(shard,
-                                                                                  shards)))
+                        writer = shard_writer(os.path.join(
+                            folder, prepared.shard_name(shard, shards)))
                     writer.write(record)
-                    digest.update(len(record).to_bytes(8, "little"))
-                    digest.update(record)
+                    digests.add(record)
                     row += 1
                 bar.update(len(records))
         writer.close()
         lengths.flush()
-        manifest = {
-            "format": prepared.FORMAT,
-            "version": prepared.VERSION,
-            "num_examples": n,
-            "has_labels": has_labels,
-            "settings": {**dataclasses.asdict(settings), "vocabulary": tokenizer.path,
-                         "vocabulary_sha256": prepared.file_sha256(tokenizer.path)},
-            "sources": expand_paths(data),
-            "skipped_lines": stats.total_skipped,
-            "shards": [{"file": prepared.shard_name(s, shards),
-                        "records": bounds[s + 1] - bounds[s]} for s in range(shards)],
-            "lengths_histogram": {
-                "query": _histogram(lengths[:, 0], settings.query_length),
-                "passage_and_negatives": _histogram(lengths[:, 1], settings.passage_length)},
-            "fingerprint": digest.hexdigest(),
-        }
+        content = manifest(num_examples=n, has_labels=has_labels, settings=settings,
+                           vocabulary=tokenizer.path, sources=expand_paths(data),
+                           skipped_lines=stats.total_skipped, bounds=bounds, lengths=lengths,
+                           pieces=digests.pieces())
         del lengths
-        with open(os.path.join(folder, prepared.MANIFEST), "w", encoding="utf-8") as file:
-            json.dump(manifest, file, indent=1)
-    return manifest
+        write_manifest(folder, content)
+    return content
 
 
-def _writer(path: str):
+def shard_writer(path: str):
     from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
     return array_record_module.ArrayRecordWriter(path, prepared.WRITER_OPTIONS)

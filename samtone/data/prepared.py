@@ -18,7 +18,8 @@ Files in a prepared folder:
   longest texts of any global batch (length buckets) without reading others' records.
 - `prepared.json` (written last): example count, settings (query_length, passage_length,
   num_negatives, vocabulary path and sha256), shard files with their record counts, a
-  histogram of the lengths, and `fingerprint`, a sha256 over the records in order (also the
+  histogram of the lengths, and `fingerprint`, a sha256 over the records in order, in blocks
+  (samtone.data.prepare.RecordDigests: the same whatever the shards or the writer; also the
   data fingerprint of the iterator state: a run started on the files resumes on the files,
   one started on the folder on the folder).
 
