@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from samtone.checkpoints.manager import read_checkpoint
+from samtone.data import prepare, smoke_path
 from compile_flags import with_devices
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -50,11 +51,15 @@ def _run(command, env, what):
     return completed
 
 
-def _assert_same_state(one_dir, two_dir):
+def _assert_same_state(one_dir, two_dir, same_data_state=True):
     state_one, data_one, step_one = read_checkpoint(one_dir / "checkpoints")
     state_two, data_two, step_two = read_checkpoint(two_dir / "checkpoints")
     assert step_one == step_two == 4
-    assert data_one == data_two  # the same global batches were consumed
+    # The same global batches were consumed (a prepared folder has its own fingerprint).
+    if same_data_state:
+        assert data_one == data_two
+    else:
+        assert {**data_one, "data_fingerprint": None} == {**data_two, "data_fingerprint": None}
     leaves_one, tree_one = jax.tree.flatten(state_one)
     leaves_two, tree_two = jax.tree.flatten(state_two)
     assert tree_one == tree_two
@@ -88,16 +93,28 @@ def test_two_processes_reach_the_single_process_params(tmp_path, single_process_
     _assert_same_state(one_dir, two_dir)
 
 
-@pytest.mark.parametrize("model_parallel", [4, 2], ids=["model_axis_across_processes",
-                                                        "data2_model2"])
+@pytest.fixture(scope="module")
+def prepared_smoke_data(tmp_path_factory):
+    """The smoke training pairs as a samtone-prepare folder, at the runs' lengths."""
+    folder = tmp_path_factory.mktemp("prepared") / "smoke_train"
+    prepare.prepare(smoke_path("train.jsonl"), smoke_path("spm.model"),
+                    str(folder), prepare.Settings(query_length=32, passage_length=32),
+                    shards=3, workers=1, progress=False)
+    return folder
+
+
+@pytest.mark.parametrize("model_parallel,prepared", [(4, True), (2, False)],
+                         ids=["model_axis_across_processes_prepared_folder", "data2_model2"])
 @pytest.mark.slow
 def test_tensor_parallel_meshes_across_processes_reach_the_single_process_params(
-        tmp_path, single_process_run, model_parallel):
-    """Processes holding the same rows (replicas along 'model') feed the same examples."""
+        tmp_path, single_process_run, prepared_smoke_data, model_parallel, prepared):
+    """Processes holding the same rows (replicas along 'model') feed the same examples; from a
+    prepared folder, they are the examples the single process read from the files."""
     two_dir = tmp_path / "two"
+    data = [f"--gin.TRAIN_DATA='{prepared_smoke_data}'"] if prepared else []
     double = _run(["bash", str(REPO / "launch" / "local_multiprocess.sh"), "2", _CONFIG,
-                   "--gin_file=gin/mesh/data_model.gin", *_BINDINGS,
+                   "--gin_file=gin/mesh/data_model.gin", *_BINDINGS, *data,
                    f"--gin.MODEL_PARALLEL={model_parallel}", "--gin.EVAL_DATA=None",
                    f"--gin.MODEL_DIR='{two_dir}'"], _env(2), "the two-process run")
     assert f"'model': {model_parallel}" in double.stderr  # the mesh the run used
-    _assert_same_state(single_process_run[0], two_dir)
+    _assert_same_state(single_process_run[0], two_dir, same_data_state=not prepared)

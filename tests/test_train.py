@@ -22,7 +22,7 @@ from samtone import train as train_lib
 from samtone import train_step as train_step_lib
 from samtone.preemption import PREEMPTED_EXIT_CODE
 from samtone.checkpoints.manager import read_checkpoint
-from samtone.data import pipeline
+from samtone.data import pipeline, prepare, smoke_path
 from samtone.models import dual_encoder
 from samtone.models import t5
 from tiny_runs import train_in_process
@@ -319,10 +319,18 @@ def test_smoke_config_end_to_end_without_tensorflow(smoke_run):
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_and_the_rerun_matches_the_uninterrupted_run(smoke_run, tmp_path):
+    """Preempted and rerun on a samtone-prepare folder of the smoke pairs, the run ends where
+    the uninterrupted run on the JSONL did: the same batches, and the same resumed position."""
     reference_dir, reference = smoke_run
     assert reference.returncode == 0, reference.stderr[-3000:]
-    command = [sys.executable, *_CLI, f"--gin.MODEL_DIR='{tmp_path}'", "--gin.train.log_every=1",
-               "--gin.EVAL_DATA=None"]
+    prepared = tmp_path / "prepared"
+    prepare.prepare(smoke_path("train.jsonl"), smoke_path("spm.model"), str(prepared),
+                    prepare.Settings(query_length=32, passage_length=48), workers=1,
+                    progress=False)
+    model_dir = tmp_path / "run"
+    command = [sys.executable, *_CLI, f"--gin.MODEL_DIR='{model_dir}'",
+               "--gin.train.log_every=1", "--gin.EVAL_DATA=None",
+               f"--gin.TRAIN_DATA='{prepared}'"]
     process = subprocess.Popen(command, cwd=REPO, env=_env(), stderr=subprocess.PIPE, text=True)
     try:
         for line in process.stderr:
@@ -334,13 +342,13 @@ def test_sigterm_checkpoints_and_the_rerun_matches_the_uninterrupted_run(smoke_r
     finally:
         process.kill()
     assert "preemption notice: checkpoint of step" in rest
-    interrupted_step, _ = _final_state(tmp_path)
+    interrupted_step, _ = _final_state(model_dir)
     assert 3 <= interrupted_step < 40
 
     rerun = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True,
                            timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"resumed from step {interrupted_step}" in rerun.stderr
-    step, state = _final_state(tmp_path)
+    step, state = _final_state(model_dir)
     assert step == 40
     _assert_trees_equal(state, _final_state(reference_dir)[1])
