@@ -6,7 +6,8 @@ each text tokenised with the same truncation and EOS, in worker processes over c
 examples whose results are written in the examples' order. Everything goes to a temporary
 sibling folder renamed into place at the end (samtone.output_folder.write_atomically), with
 prepared.json written last. samtone.data.prepare_beam writes the same folder with Apache Beam
-from the pieces shared here (`tokenize_rows`, `RecordDigests`, `manifest`).
+from the pieces shared here (`tokenize_rows`, `RecordDigests`, `manifest`), and
+samtone.data.prepare_task from a seqio Task (`encode_rows`, `write_records`, `manifest`).
 """
 from __future__ import annotations
 
@@ -57,11 +58,22 @@ def tokenize_rows(rows: Sequence[_Row], settings: Settings,
     negatives = tokenizer.encode([text for row in rows for text in row[2]],
                                  settings.passage_length)
     negatives = negatives.reshape(len(rows), k, settings.passage_length)
-    records = [prepared.encode_record(queries[i], passages[i], negatives[i], row[3], row[4],
-                                      np.asarray(row[5]), row[6])
-               for i, row in enumerate(rows)]
+    return encode_rows(queries, passages, negatives, [row[3] for row in rows],
+                       [row[4] for row in rows], [row[5] for row in rows],
+                       [row[6] for row in rows])
+
+
+def encode_rows(queries: np.ndarray, passages: np.ndarray, negatives: np.ndarray,
+                query_ids: Sequence[int], passage_ids: Sequence[int],
+                negative_ids: Sequence[Sequence[int]],
+                labels: Sequence[float | None]) -> tuple[list[bytes], np.ndarray]:
+    """(records, uint16 lengths [n, 2]) of n tokenised examples: padded int32 token arrays
+    queries [n, Lq], passages [n, Lp], negatives [n, K, Lp], and their ids and labels."""
+    records = [prepared.encode_record(queries[i], passages[i], negatives[i], query_ids[i],
+                                      passage_ids[i], np.asarray(negative_ids[i]), labels[i])
+               for i in range(len(queries))]
     passage_lengths = packing.text_lengths(passages)
-    if k:
+    if negatives.shape[1]:
         passage_lengths = np.maximum(passage_lengths, packing.text_lengths(negatives).max(1))
     lengths = np.stack([packing.text_lengths(queries), passage_lengths], axis=1)
     return records, lengths.astype(np.uint16)
@@ -227,37 +239,53 @@ def prepare(data: PathOrPaths, vocabulary: str, output: str, settings: Settings,
     del examples
     n = len(rows)
     bounds = shard_bounds(n, shards)
-    shards = len(bounds) - 1
     workers = max(1, min(os.cpu_count() or 1, -(-n // chunk_size))) if workers is None else workers
     with output_folder.write_atomically(output, overwrite, flag="--output") as folder:
-        lengths = np.lib.format.open_memmap(os.path.join(folder, prepared.LENGTHS), mode="w+",
-                                            dtype=np.uint16, shape=(n, 2))
-        digests = RecordDigests(0, n)
-        writer, shard, row = None, -1, 0
-        with tqdm.tqdm(total=n, unit="ex", desc="samtone-prepare", disable=not progress) as bar:
-            for records, chunk_lengths in _tokenized_chunks(rows, tokenizer.path, settings,
-                                                            workers, chunk_size):
-                lengths[row:row + len(records)] = chunk_lengths
-                for record in records:
-                    if row == bounds[shard + 1]:
-                        if writer is not None:
-                            writer.close()
-                        shard += 1
-                        writer = shard_writer(os.path.join(
-                            folder, prepared.shard_name(shard, shards)))
-                    writer.write(record)
-                    digests.add(record)
-                    row += 1
-                bar.update(len(records))
-        writer.close()
-        lengths.flush()
+        chunks = _tokenized_chunks(rows, tokenizer.path, settings, workers, chunk_size)
+        lengths, pieces = write_records(folder, chunks, bounds, progress=progress)
         content = manifest(num_examples=n, has_labels=has_labels, settings=settings,
                            vocabulary=tokenizer.path, sources=expand_paths(data),
                            skipped_lines=stats.total_skipped, bounds=bounds, lengths=lengths,
-                           pieces=digests.pieces())
+                           pieces=pieces)
         del lengths
         write_manifest(folder, content)
     return content
+
+
+def write_records(folder: str, chunks: Iterable[tuple[list[bytes], np.ndarray]],
+                  bounds: list[int], *, progress: bool = True,
+                  description: str = "samtone-prepare") -> tuple[np.ndarray, list]:
+    """Writes the shards and lengths.npy of `folder` from (records, lengths) chunks in order.
+
+    `bounds` (shard_bounds) fixes the example count N = bounds[-1] beforehand: lengths.npy is
+    allocated for N rows. Returns (the lengths, memory-mapped, and the fingerprint's pieces).
+    Raises RuntimeError if the chunks hold other than N records.
+    """
+    n, shards = bounds[-1], len(bounds) - 1
+    lengths = np.lib.format.open_memmap(os.path.join(folder, prepared.LENGTHS), mode="w+",
+                                        dtype=np.uint16, shape=(n, 2))
+    digests = RecordDigests(0, n)
+    writer, shard, row = None, -1, 0
+    with tqdm.tqdm(total=n, unit="ex", desc=description, disable=not progress) as bar:
+        for records, chunk_lengths in chunks:
+            if row + len(records) > n:
+                raise RuntimeError(f"more than the {n} examples counted were given to write")
+            lengths[row:row + len(records)] = chunk_lengths
+            for record in records:
+                if row == bounds[shard + 1]:
+                    if writer is not None:
+                        writer.close()
+                    shard += 1
+                    writer = shard_writer(os.path.join(folder, prepared.shard_name(shard, shards)))
+                writer.write(record)
+                digests.add(record)
+                row += 1
+            bar.update(len(records))
+    if row != n:
+        raise RuntimeError(f"{row} examples were given to write, not the {n} counted")
+    writer.close()
+    lengths.flush()
+    return lengths, digests.pieces()
 
 
 def shard_writer(path: str):

@@ -24,9 +24,11 @@ tf.data pipeline from the same seed and skips that many batches. The skipped exa
 read and preprocessed again (not fed to the model), so resuming after n steps costs the
 input pipeline's time for n batches: at step 100k with a global batch of 1024, about 10^8
 examples read and tokenised again, split over the hosts. Pre-tokenise with seqio's cache
-(`use_cached=True`) to make that cheaper, or use the file pipeline, which resumes in O(1).
-(tf.data's own iterator checkpoints would avoid the skip, but they hold shuffle buffers,
-are not JSON, and do not cover the `tf.numpy_function` that hashes ids.)
+(`use_cached=True`) to make that cheaper, or, for long runs, prepare the Task once
+(`samtone-prepare --task=NAME`, samtone.data.prepare_task) and train on the folder, which
+resumes as a position in O(1) and reads on each host only its rows. (tf.data's own iterator
+checkpoints would avoid the skip, but they hold shuffle buffers, are not JSON, and do not
+cover the `tf.numpy_function` that hashes ids.)
 """
 from __future__ import annotations
 
