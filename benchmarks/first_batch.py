@@ -4,8 +4,10 @@ For each size: synthetic pairs (benchmarks/data_pipeline.py's generator) as JSON
 once with samtone-prepare (its throughput per core printed); then, each in a fresh process,
 `make_batch_iterator` on the prepared folder and (up to --raw_max pairs) on the JSONL: the
 seconds from the call to the first batch, at step 0 and resumed at --resume_step, and the
-process's peak RSS (VmHWM) above its RSS once samtone is imported. "2 processes" is one of
-two processes of a job, reading its half of every global batch (`local_rows`). Median and
+process's peak RSS (VmHWM) above its RSS once samtone and grain (with jax) are imported.
+"2 processes" is one of two processes of a job, reading its half of every global batch
+(`local_rows`); "2 grain workers" computes batches in grain's worker processes
+(`worker_processes=2`; the RSS is the training process's, not the workers'). Median and
 range over --repeats runs.
 
   python benchmarks/first_batch.py                         # 200k, 400k and 2M pairs
@@ -36,14 +38,15 @@ def rss(field):
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) for l in f if l.startswith(field)) / 1024
 
+import grain  # a training process has it (and the jax it imports) loaded already
 from samtone.data import pipeline
 base = rss("VmRSS:")
-data, spm, batch, resume, half = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), \
-    sys.argv[5] == "1"
+data, spm, batch, resume, half, workers = sys.argv[1], sys.argv[2], int(sys.argv[3]), \
+    int(sys.argv[4]), sys.argv[5] == "1", int(sys.argv[6])
 rows = np.arange(batch // 2) if half else None
 start = time.perf_counter()
 iterator = pipeline.make_batch_iterator(data, tokenizer=spm, global_batch_size=batch,
-                                        local_rows=rows, prefetch=0)
+                                        local_rows=rows, prefetch=0, worker_processes=workers)
 if resume:
     state = iterator.get_state()
     per_epoch = iterator.batches_per_epoch
@@ -51,15 +54,16 @@ if resume:
     iterator.set_state(state)
 next(iterator)
 seconds = time.perf_counter() - start
+iterator.close()
 print(json.dumps({"seconds": seconds, "mib": rss("VmHWM:") - base}))
 """
 
 
-def probe(data: str, spm: str, batch: int, resume: int, half: bool) -> dict:
+def probe(data: str, spm: str, batch: int, resume: int, half: bool, workers: int) -> dict:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     result = subprocess.run([sys.executable, "-c", _PROBE, data, spm, str(batch), str(resume),
-                             "1" if half else "0"], capture_output=True, text=True, env=env,
-                            check=False)
+                             "1" if half else "0", str(workers)],
+                            capture_output=True, text=True, env=env, check=False)
     if result.returncode != 0:
         raise RuntimeError(result.stderr[-3000:])
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -110,10 +114,15 @@ def main(argv=None) -> None:
                   "per core", flush=True)
             sources = [("prepared", output)] + ([("JSONL", path)] if size <= args.raw_max else [])
             for name, data in sources:
-                for half, resume in ((False, 0), (True, 0), (False, args.resume_step)):
-                    runs = [probe(data, spm, args.global_batch_size, resume, half)
+                cases = [(False, 0, 0), (True, 0, 0), (False, args.resume_step, 0)]
+                if name == "prepared":  # grain's worker processes: their start-up cost
+                    cases.append((False, args.resume_step, 2))
+                for half, resume, workers in cases:
+                    runs = [probe(data, spm, args.global_batch_size, resume, half, workers)
                             for _ in range(args.repeats)]
-                    rows.append((size, name, "2 processes" if half else "1 process", resume,
+                    process = ("2 processes" if half else "1 process") + (
+                        f", {workers} grain workers" if workers else "")
+                    rows.append((size, name, process, resume,
                                  summary([r["seconds"] for r in runs], "s", 2),
                                  summary([r["mib"] for r in runs], "MiB", 0)))
                     print("  ", rows[-1], flush=True)

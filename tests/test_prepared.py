@@ -1,6 +1,7 @@
 """Prepared folders (samtone-prepare): the same batches as the raw files, each host reading only
 its rows' records, O(1) resume, and the folder refused when unfinished or prepared otherwise."""
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -136,6 +137,32 @@ def test_resume_is_a_position(folder, vocabulary):
     resumed.set_state(state)
     assert_same(batches[7:], [next(resumed) for _ in range(2)])
     assert len(resumed._schedule.data.source.rows) == 2 * BATCH  # nothing read to get there
+
+
+@pytest.mark.parametrize("settings", [dict(seed=3), dict(seed=7, pack=True)],
+                         ids=["buckets", "pack"])
+def test_worker_processes_give_the_same_batches_and_resume(folder, data_file, vocabulary,
+                                                          settings):
+    """grain's worker processes (2) compute the batches the files give, in order, into the
+    second epoch; a fresh iterator set to a saved state starts its workers there."""
+    raw = iterator(data_file, vocabulary, **settings)
+    expected = [next(raw) for _ in range(8)]
+    workers = iterator(folder, vocabulary, worker_processes=2, prefetch=2, **settings)
+    assert_same(expected[:3], [next(workers) for _ in range(3)])
+    assert len([child for child in multiprocessing.active_children()
+                if child.name.startswith("grain-process-prefetch")]) == 2
+    state = workers.get_state()
+    workers.close()
+    resumed = iterator(folder, vocabulary, worker_processes=2, **settings)
+    resumed.set_state(state)
+    assert_same(expected[3:], [next(resumed) for _ in range(5)])
+    resumed.close()
+
+
+def test_worker_processes_need_a_prepared_folder(data_file, vocabulary):
+    with pytest.raises(ConfigError, match=r"make_batch_iterator.worker_processes=2 needs a "
+                                          r"prepared folder .* not .*train.jsonl"):
+        iterator(data_file, vocabulary, worker_processes=2)
 
 
 def test_unfinished_folder_is_refused(folder, vocabulary, tmp_path):

@@ -319,8 +319,10 @@ def test_smoke_config_end_to_end_without_tensorflow(smoke_run):
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_and_the_rerun_matches_the_uninterrupted_run(smoke_run, tmp_path):
-    """Preempted and rerun on a samtone-prepare folder of the smoke pairs, the run ends where
-    the uninterrupted run on the JSONL did: the same batches, and the same resumed position."""
+    """Preempted and rerun on a samtone-prepare folder of the smoke pairs, read by 2 grain
+    worker processes, the run ends where the uninterrupted run on the JSONL did: the same
+    batches, and the same resumed position. SIGTERM goes to the whole process group, workers
+    included, as a cluster's preemption sends it."""
     reference_dir, reference = smoke_run
     assert reference.returncode == 0, reference.stderr[-3000:]
     prepared = tmp_path / "prepared"
@@ -330,12 +332,13 @@ def test_sigterm_checkpoints_and_the_rerun_matches_the_uninterrupted_run(smoke_r
     model_dir = tmp_path / "run"
     command = [sys.executable, *_CLI, f"--gin.MODEL_DIR='{model_dir}'",
                "--gin.train.log_every=1", "--gin.EVAL_DATA=None",
-               f"--gin.TRAIN_DATA='{prepared}'"]
-    process = subprocess.Popen(command, cwd=REPO, env=_env(), stderr=subprocess.PIPE, text=True)
+               f"--gin.TRAIN_DATA='{prepared}'", "--gin.make_batch_iterator.worker_processes=2"]
+    process = subprocess.Popen(command, cwd=REPO, env=_env(), stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
     try:
         for line in process.stderr:
             if "step 3/40" in line:
-                process.send_signal(signal.SIGTERM)
+                os.killpg(process.pid, signal.SIGTERM)
                 break
         rest = process.stderr.read()
         assert process.wait(timeout=120) == PREEMPTED_EXIT_CODE, rest[-3000:]

@@ -32,6 +32,13 @@ plus the per-example arrays; it is the whole global batch on every process (each
 its rows of it: samtone.train). Packing needs the whole batch, so it decides nothing about which
 examples form a batch: the order above alone does.
 
+Workers. By default one background thread computes the next batches (`prefetch`). On a
+prepared folder, `worker_processes=W` computes them in W processes instead, through grain's
+`MapDataset.range(...).map(batch_at).mp_prefetch(...)`: worker w computes the batches
+w, w+W, ... of the schedule and grain interleaves them back in order, so the batches are the
+same for every W (each process decodes, cuts and packs only its own batches' records). The
+workers start at the iterator's position, so a resume starts them there.
+
 State. `get_state()` is `{"epoch", "batch_in_epoch", "seed", ...}`: the position of the next
 batch *to be consumed* plus what must match to resume (seed, shuffle, global batch size, a
 fingerprint of the tokenised data). Prefetched-but-unconsumed batches are not counted, so
@@ -393,6 +400,45 @@ class _Prefetcher:
             self._thread.join()
 
 
+class _BatchAt:
+    """The grain map from a schedule's batch index (over all epochs) to (position, batch)."""
+
+    def __init__(self, schedule: _Schedule):
+        self.schedule = schedule
+
+    def __call__(self, index: int) -> tuple[Position, Batch]:
+        position = divmod(int(index), self.schedule.batches_per_epoch)
+        return position, self.schedule.batch_at(position)
+
+
+class _WorkerPrefetcher:
+    """The batches from `start` on, computed ahead in grain's worker processes, in order."""
+
+    def __init__(self, schedule: _Schedule, start: Position, depth: int, workers: int):
+        import grain  # pylint: disable=import-outside-toplevel
+        from absl import flags  # pylint: disable=import-outside-toplevel
+        if not flags.FLAGS.is_parsed():
+            # grain reads its absl flags (their defaults) when it starts workers; a library
+            # caller outside absl.app has not parsed any.
+            flags.FLAGS.mark_as_parsed()
+        per_epoch = schedule.batches_per_epoch
+        stop = sys.maxsize if schedule.num_epochs is None else schedule.num_epochs * per_epoch
+        dataset = grain.MapDataset.range(start[0] * per_epoch + start[1], stop).map(
+            _BatchAt(schedule))
+        self._iterator = iter(dataset.to_iter_dataset().mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=workers,
+                                         per_worker_buffer_size=max(1, depth))))
+
+    def get(self) -> tuple[Position, Batch]:
+        (epoch, batch_in_epoch), batch = next(self._iterator)
+        # Plain arrays: grain's come in shared memory, freed once these copies are made.
+        return (int(epoch), int(batch_in_epoch)), {key: np.array(value)
+                                                   for key, value in batch.items()}
+
+    def close(self) -> None:
+        self._iterator.close()  # stops the worker processes
+
+
 class BatchIterator:
     """Iterates this process's slice of each global batch (a dict of numpy arrays).
 
@@ -410,8 +456,9 @@ class BatchIterator:
                  shuffle: bool = True, num_epochs: int | None = None, process_index: int = 0,
                  process_count: int = 1, prefetch: int = 2,
                  local_rows: Sequence[int] | None = None,
-                 length_buckets: bool | Sequence[int] = True, pack: bool = False):
-        self._prefetcher: _Prefetcher | None = None
+                 length_buckets: bool | Sequence[int] = True, pack: bool = False,
+                 worker_processes: int = 0):
+        self._prefetcher: _Prefetcher | _WorkerPrefetcher | None = None
         if global_batch_size <= 0:
             raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
         if process_count <= 0 or not 0 <= process_index < process_count:
@@ -435,6 +482,12 @@ class BatchIterator:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         if num_epochs is not None and num_epochs < 0:
             raise ValueError(f"num_epochs must be None (forever) or >= 0, got {num_epochs}")
+        if not isinstance(worker_processes, (int, np.integer)) or worker_processes < 0:
+            raise ValueError(f"worker_processes must be an int >= 0, got {worker_processes!r}")
+        if worker_processes and not isinstance(data, prepared.PreparedExamples):
+            # Each worker would get a pickled copy of every token array.
+            raise ValueError("worker_processes needs PreparedExamples (a prepared folder)")
+        self._workers = int(worker_processes)
         self._schedule = _Schedule(
             data, global_batch_size, int(seed), bool(shuffle), num_epochs, local_rows,
             query_buckets=packing.bucket_lengths(length_buckets, data.query_length),
@@ -463,11 +516,14 @@ class BatchIterator:
     def __next__(self) -> Batch:
         if self._position is None:
             raise StopIteration
-        if self._prefetch <= 0:
+        if self._prefetch <= 0 and not self._workers:
             batch = self._schedule.batch_at(self._position)
         else:
             if self._prefetcher is None:
-                self._prefetcher = _Prefetcher(self._schedule, self._position, self._prefetch)
+                self._prefetcher = (
+                    _WorkerPrefetcher(self._schedule, self._position, self._prefetch,
+                                      self._workers) if self._workers else
+                    _Prefetcher(self._schedule, self._position, self._prefetch))
             position, batch = self._prefetcher.get()
             assert position == self._position, (position, self._position)
         self._position = self._schedule.after(self._position)
@@ -554,7 +610,7 @@ def make_batch_iterator(data: PathOrPaths | Sequence[Example], *, tokenizer,
                         process_index: int | None = None, process_count: int | None = None,
                         local_rows: Sequence[int] | None = None, prefetch: int = 2,
                         split: str = "train", length_buckets: bool | Sequence[int] = True,
-                        pack: bool = False) -> BatchIterator:
+                        pack: bool = False, worker_processes: int = 0) -> BatchIterator:
     """Batches of tokenised pairs for this process; see the module docstring for the guarantees.
 
     Args:
@@ -582,6 +638,8 @@ def make_batch_iterator(data: PathOrPaths | Sequence[Example], *, tokenizer,
         always the maximum). See samtone.data.packing.
       pack: pack the global batch's texts several per row with segment ids (module
         docstring); the step then computes on almost no padding.
+      worker_processes: with a prepared folder, compute batches in this many grain worker
+        processes (module docstring), each holding `prefetch` batches; 0: one thread.
     """
     if simcse and num_negatives:
         raise ValueError("simcse=True pairs each sentence with itself; it has no hard negatives "
@@ -606,7 +664,13 @@ def make_batch_iterator(data: PathOrPaths | Sequence[Example], *, tokenizer,
         return BatchIterator(examples, global_batch_size=global_batch_size, seed=seed,
                              shuffle=shuffle, num_epochs=num_epochs, process_index=process_index,
                              process_count=process_count, prefetch=prefetch,
-                             local_rows=local_rows, length_buckets=length_buckets, pack=pack)
+                             local_rows=local_rows, length_buckets=length_buckets, pack=pack,
+                             worker_processes=worker_processes)
+    if worker_processes:
+        raise ConfigError(f"make_batch_iterator.worker_processes={worker_processes} needs a "
+                          f"prepared folder (samtone-prepare) as the data, not "
+                          f"{_describe_data(data)}: files are tokenised into this process's "
+                          "memory and batched by its prefetch thread")
     if isinstance(data, list) and data and all(isinstance(e, Example) for e in data):
         examples = data
     elif simcse:

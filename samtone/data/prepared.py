@@ -155,6 +155,13 @@ class PreparedExamples:
             raise DataError(self.folder, None, None, f"its shards hold {len(self.source)} "
                             f"records but {MANIFEST} says {num_examples}")
 
+    def __getstate__(self) -> dict:
+        # Pickled for grain's worker processes: the folder alone, not the lengths' copy.
+        return {"folder": self.folder}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["folder"])  # pylint: disable=unnecessary-dunder-call
+
     def __len__(self) -> int:
         return int(self.manifest["num_examples"])
 
