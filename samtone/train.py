@@ -439,8 +439,10 @@ def _use_compilation_cache(model_dir, path: str) -> None:
 
 
 def _check_same_data(iterator, train_data) -> None:
-    """Every process read the same data (the iterator state's fingerprint), else ConfigError: a
-    host with another copy of TRAIN_DATA would train on batches no other host sees."""
+    """Every process read the same data (the iterator state's fingerprint), else ConfigError on
+    every process, naming those that differ from process 0: a host with another copy of
+    TRAIN_DATA would train on batches no other host sees. (All raise, so none is left waiting
+    in a collective for the others.)"""
     if jax.process_count() == 1 or not hasattr(iterator, "get_state"):
         return
     fingerprint = iterator.get_state().get("data_fingerprint")
@@ -448,11 +450,15 @@ def _check_same_data(iterator, train_data) -> None:
         return
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     mine = np.frombuffer(hashlib.sha256(str(fingerprint).encode()).digest(), np.uint8)
-    first = np.asarray(multihost_utils.broadcast_one_to_all(mine))
-    if not np.array_equal(first, mine):
-        error = ConfigError(f"TRAIN_DATA {train_data!r} differs between hosts: process "
-                          f"{jax.process_index()} read other data than process 0 (fingerprint "
-                          f"{fingerprint}); give every host the same files or prepared folder")
+    everyone = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, mine.size)
+    others = [p for p in range(len(everyone)) if not np.array_equal(everyone[p], everyone[0])]
+    if others:
+        which = ", ".join(map(str, others))
+        error = ConfigError(f"{train_data!r} differs between hosts: process"
+                            f"{'es' if len(others) > 1 else ''} {which} read other data than "
+                            f"process 0 (this is process {jax.process_index()}, data "
+                            f"fingerprint {fingerprint}); give every host the same files or "
+                            "prepared folder")
         error.parameter = "DataConfig.train_data"
         raise error
 

@@ -121,3 +121,37 @@ def test_tensor_parallel_meshes_across_processes_reach_the_single_process_params
                    f"--gin.MODEL_DIR='{two_dir}'"], _env(2), "the two-process run")
     assert f"'model': {model_parallel}" in double.stderr  # the mesh the run used
     _assert_same_state(single_process_run[0], two_dir, same_data_state=not prepared)
+
+
+@pytest.mark.slow
+def test_hosts_with_different_prepared_folders_all_exit_2_naming_theirs(
+        tmp_path, prepared_smoke_data):
+    """Process 1 gets a folder prepared from other pairs: both processes stop before the first
+    step with exit 2, each naming its TRAIN_DATA and the process that differs, and no
+    MODEL_DIR is created."""
+    other = tmp_path / "other_prepared"
+    lines = open(smoke_path("train.jsonl"), encoding="utf-8").readlines()
+    (tmp_path / "other.jsonl").write_text("".join(lines[:-1]), encoding="utf-8")
+    prepare.prepare(str(tmp_path / "other.jsonl"), smoke_path("spm.model"), str(other),
+                    prepare.Settings(query_length=32, passage_length=32), workers=1,
+                    progress=False)
+    env, model_dir = _env(2), tmp_path / "run"
+    processes = [subprocess.Popen(
+        [sys.executable, "-m", "samtone.cli.train", f"--gin_file={_CONFIG}",
+         f"--gin.distributed.coordinator_address='localhost:{env['PORT']}'",
+         "--gin.distributed.num_processes=2", f"--gin.distributed.process_id={index}",
+         "--gin.distributed.cpu_collectives='gloo'", *_BINDINGS, f"--gin.TRAIN_DATA='{data}'",
+         "--gin.EVAL_DATA=None", f"--gin.MODEL_DIR='{model_dir}'"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for index, data in enumerate([prepared_smoke_data, other])]
+    try:
+        outputs = [process.communicate(timeout=300) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    for process, (_, stderr), data in zip(processes, outputs, [prepared_smoke_data, other]):
+        assert process.returncode == 2, stderr[-3000:]
+        assert stderr.splitlines()[-1].startswith(
+            f"error: TRAIN_DATA (DataConfig.train_data): '{data}' differs between "
+            "hosts: process 1 read other data than process 0"), stderr[-3000:]
+    assert not model_dir.exists()

@@ -8,6 +8,7 @@ import re
 
 import gin
 import jax
+import numpy as np
 import pytest
 
 from samtone import grad_cache
@@ -185,13 +186,21 @@ def test_hosts_with_different_data_are_refused(monkeypatch):
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     from samtone import train as train_lib  # pylint: disable=import-outside-toplevel
 
-    process_zeros = {}
-    monkeypatch.setattr(jax, "process_count", lambda: 2)
-    monkeypatch.setattr(jax, "process_index", lambda: 1)
-    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all",
-                        lambda value: process_zeros.setdefault("value", value))
-    train_lib._check_same_data(_FakeIterator("abc"), "pairs.jsonl")  # process 0's own
-    with pytest.raises(ConfigError, match="TRAIN_DATA 'pairs.jsonl' differs between hosts: "
-                                        "process 1 read other data") as raised:
-        train_lib._check_same_data(_FakeIterator("abd"), "pairs.jsonl")
+    import hashlib  # pylint: disable=import-outside-toplevel
+
+    def digest(fingerprint):
+        return np.frombuffer(hashlib.sha256(fingerprint.encode()).digest(), np.uint8)
+
+    hosts = ["abc", "abc", "abc"]  # what each of 3 processes read
+    monkeypatch.setattr(jax, "process_count", lambda: len(hosts))
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    monkeypatch.setattr(multihost_utils, "process_allgather",
+                        lambda value: np.stack([digest(h) for h in hosts]))
+    train_lib._check_same_data(_FakeIterator("abc"), "pairs.jsonl")
+    hosts[2] = "abd"
+    # Process 0 stops too (it would wait for the others in the first collective).
+    with pytest.raises(ConfigError, match="'pairs.jsonl' differs between hosts: "
+                                        "process 2 read other data than process 0 "
+                                        r"\(this is process 0") as raised:
+        train_lib._check_same_data(_FakeIterator("abc"), "pairs.jsonl")
     assert raised.value.parameter == "DataConfig.train_data"
