@@ -112,9 +112,12 @@ def prepared_smoke_data(tmp_path_factory):
 def test_tensor_parallel_meshes_across_processes_reach_the_single_process_params(
         tmp_path, single_process_run, prepared_smoke_data, model_parallel, prepared):
     """Processes holding the same rows (replicas along 'model') feed the same examples; from a
-    prepared folder, they are the examples the single process read from the files."""
+    prepared folder (through a grain worker process each), they are the examples the single
+    process read from the files."""
     two_dir = tmp_path / "two"
-    data = [f"--gin.TRAIN_DATA='{prepared_smoke_data}'"] if prepared else []
+    # The prepared folder read by a grain worker process on each host.
+    data = [f"--gin.TRAIN_DATA='{prepared_smoke_data}'",
+            "--gin.make_batch_iterator.worker_processes=1"] if prepared else []
     double = _run(["bash", str(REPO / "launch" / "local_multiprocess.sh"), "2", _CONFIG,
                    "--gin_file=gin/mesh/data_model.gin", *_BINDINGS, *data,
                    f"--gin.MODEL_PARALLEL={model_parallel}", "--gin.EVAL_DATA=None",
