@@ -21,6 +21,7 @@ from samtone.data.pipeline import make_batch_iterator, stable_id  # noqa: E402
 from samtone.data.tokenizer import train_sentencepiece  # noqa: E402
 from samtone.errors import ConfigError  # noqa: E402
 from test_pipeline import grain_order  # noqa: E402  (epoch e's order of the examples)
+from test_prepared import CountingSource  # noqa: E402  (keeps the rows read)
 
 NUM_EXAMPLES, BATCH, K, LQ, LP = 44, 8, 2, 6, 12  # short lengths: some texts are trimmed
 SETTINGS = prepare.Settings(query_length=LQ, passage_length=LP, num_negatives=K)
@@ -102,20 +103,6 @@ def test_same_tokens_and_ids_as_the_task(folder, task, spm_path):
         assert (ours["query_tokens"][:, -1] != 0).any()  # trimmed, EOS kept: as the Task
     # A negative that is another example's passage has that passage's id (the masking).
     assert from_folder[0]["negative_ids"][0, 0] == stable_id(PASSAGES[3])
-
-
-class CountingSource:
-    """Wraps the data source, keeping the rows asked for (as tests/test_prepared.py)."""
-
-    def __init__(self, source):
-        self.source, self.rows = source, []
-
-    def __len__(self):
-        return len(self.source)
-
-    def __getitems__(self, rows):
-        self.rows.extend(rows)
-        return self.source.__getitems__(rows)
 
 
 def test_resume_at_batch_10000_is_a_position(folder, spm_path):
