@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from samtone.data import prepare, prepare_beam, prepared
-from samtone.data.tokenizer import train_sentencepiece
 from samtone.errors import DataError, MissingDependencyError, OutputExistsError
+import test_prepared
+from test_prepared import sentence
 
 # apache-beam needs protobuf<7, which the seqio extra's TensorFlow/sentencepiece code cannot
 # load: CI runs this file in a venv of its own (README, Tests).
@@ -19,20 +20,9 @@ needs_beam = pytest.mark.skipif(
     importlib.util.find_spec("apache_beam") is None,
     reason="apache-beam is not installed: pip install 'samtone[beam]' (its own venv in CI)")
 
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi pi rho".split()
 K, LQ, LP = 2, 8, 16
 OPTIONS = ("--direct_num_workers=1", "--direct_running_mode=in_memory")
-
-
-def sentence(rng, low, high):
-    return " ".join(rng.choice(WORDS, size=rng.integers(low, high)))
-
-
-@pytest.fixture(scope="module")
-def vocabulary(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    prefix = tmp_path_factory.mktemp("spm") / "spm"
-    return train_sentencepiece([sentence(rng, 4, 12) for _ in range(200)], prefix, 48)
+vocabulary = test_prepared.vocabulary  # the fixture: a SentencePiece model of the WORDS
 
 
 @pytest.fixture(scope="module")
