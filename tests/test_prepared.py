@@ -163,6 +163,9 @@ def test_worker_processes_need_a_prepared_folder(data_file, vocabulary):
     with pytest.raises(ConfigError, match=r"make_batch_iterator.worker_processes=2 needs a "
                                           r"prepared folder .* not .*train.jsonl"):
         iterator(data_file, vocabulary, worker_processes=2)
+    with pytest.raises(ConfigError, match=r"make_batch_iterator.worker_processes must be an "
+                                          r"integer >= 0, got -1"):
+        iterator(data_file, vocabulary, worker_processes=-1)
 
 
 def test_unfinished_folder_is_refused(folder, vocabulary, tmp_path):

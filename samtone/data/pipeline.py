@@ -641,6 +641,10 @@ def make_batch_iterator(data: PathOrPaths | Sequence[Example], *, tokenizer,
       worker_processes: with a prepared folder, compute batches in this many grain worker
         processes (module docstring), each holding `prefetch` batches; 0: one thread.
     """
+    if (isinstance(worker_processes, bool) or not isinstance(worker_processes, int)
+            or worker_processes < 0):
+        raise ConfigError("make_batch_iterator.worker_processes must be an integer >= 0, got "
+                          f"{worker_processes!r}")
     if simcse and num_negatives:
         raise ValueError("simcse=True pairs each sentence with itself; it has no hard negatives "
                          f"(got num_negatives={num_negatives})")
